@@ -1,0 +1,345 @@
+r"""Benchmark of the MoE FFN layer against a dense FFN of the same active FLOPs.
+
+Shapes and targets are in PERFORMANCE.md. Every (shape, variant, mode) runs in
+this one process on random bf16 data: jit, compile (timed separately), one
+warm-up call, then the median of --iters calls (at least 3; fewer than --iters once
+the timed calls of a row add up to --max_row_s). Variants:
+  dense_equiv  one dense SwiGLU FFN over T*K tokens (same active FLOPs, no routing)
+  einsum       top-k router (float32) + moe_jax einsum dispatch, groups 1024, cf 1.25
+  sorted       top-k router + moe_jax sorted dispatch (dropless, jax.lax.ragged_dot)
+  tokamax      as sorted, with tokamax.ragged_dot for the grouped matmuls (only
+               when `import tokamax` works)
+Modes: fwd (the forward) and fwd_bwd (value_and_grad of sum(y**2) w.r.t. x, the
+router weight and every expert weight). ratio_to_dense = dense_equiv ms / variant ms.
+
+Commands (from the repository root):
+  python -m experiments.bench --suite=layer --shapes=cpu --json=bench_out/layer_cpu.json
+  python -m experiments.bench --suite=layer --shapes=gpu --json=bench_out/layer_gpu.json
+  python -m experiments.bench --suite=layer --shapes=gpu --modes=fwd_bwd \
+      --variants=dense_equiv,sorted --iters=5
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+from absl import app, flags
+import flax
+import jax
+import jax.numpy as jnp
+
+from moe_jax.dispatch import CapacityOptions, get_dispatcher
+from moe_jax.experts import ExpertWeights
+from moe_jax.routing import RoutingDecision, TopKRouter
+
+try:  # Optional grouped-matmul kernels; absent on CPU and on many GPU machines.
+  import tokamax
+  TOKAMAX_ERROR = None
+except Exception as e:  # pylint: disable=broad-except
+  tokamax, TOKAMAX_ERROR = None, f"{type(e).__name__}: {e}"
+
+MODES = ("fwd", "fwd_bwd")
+VARIANTS = ("dense_equiv", "einsum", "sorted", "tokamax")
+EINSUM_GROUP_SIZE = 1024
+EINSUM_CAPACITY_FACTOR = 1.25
+
+_SUITE = flags.DEFINE_string("suite", "layer", "Benchmark suite, a key of SUITES (now: layer).")
+_SHAPES = flags.DEFINE_enum("shapes", "cpu", ["cpu", "gpu"], "Shape set.")
+_JSON = flags.DEFINE_string("json", None, "Write {meta, rows} to this path.")
+_MODES = flags.DEFINE_list("modes", list(MODES), f"Subset of {MODES}.")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Subset of {VARIANTS}.")
+_ITERS = flags.DEFINE_integer("iters", None, "Timed calls per row (default 15 gpu, 5 cpu).")
+_MAX_ROW_S = flags.DEFINE_float(
+    "max_row_s", 10.0, "Stop a row's timed calls once they took this long (at least 3 calls).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  name: str
+  T: int  # tokens
+  D: int  # model dim
+  F: int  # expert hidden dim
+  E: int  # experts
+  K: int  # experts per token
+
+  def active_flops(self, mode: str) -> float:
+    fwd = 2.0 * self.T * self.K * 3 * self.D * self.F  # SwiGLU: gate, up, down
+    return fwd if mode == "fwd" else 3.0 * fwd
+
+
+SHAPES = {
+    "gpu": [Shape("mixtral", 16384, 4096, 14336, 8, 2),
+            Shape("olmoe", 16384, 2048, 1024, 64, 8),
+            Shape("qwen3", 16384, 2048, 768, 128, 8)],
+    # Scaled down for 2 CPU cores; cpu_olmoe (E=64, K=8) carries the CPU target.
+    # jax.lax.ragged_dot on CPU costs about E x the active FLOPs, so `sorted` dominates.
+    "cpu": [Shape("cpu_mixtral", 1024, 256, 896, 8, 2),
+            Shape("cpu_olmoe", 1024, 256, 128, 64, 8),
+            Shape("cpu_qwen3", 1024, 256, 96, 128, 8)],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What a suite runs, from the flags."""
+
+  shapes: str
+  modes: list[str]
+  variants: list[str]
+  iters: int
+  max_row_s: float
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def normal(key, shape, fan_in: int, dtype=jnp.bfloat16) -> jax.Array:
+  """Random N(0, 1/fan_in) values: never zeros, outputs stay O(1)."""
+  return (jax.random.normal(key, shape, jnp.float32) * fan_in ** -0.5).astype(dtype)
+
+
+def dense_inputs(s: Shape, key) -> tuple:
+  kx, ku, kg, kd = jax.random.split(key, 4)
+  weights = {"up_DF": normal(ku, (s.D, s.F), s.D), "gate_DF": normal(kg, (s.D, s.F), s.D),
+             "down_FD": normal(kd, (s.F, s.D), s.F)}
+  return normal(kx, (s.T * s.K, s.D), 1), weights
+
+
+def moe_inputs(s: Shape, key) -> tuple:
+  kx, kr, ku, kg, kd = jax.random.split(key, 5)
+  experts = ExpertWeights(w_up_EDF=normal(ku, (s.E, s.D, s.F), s.D),
+                          w_down_EFD=normal(kd, (s.E, s.F, s.D), s.F),
+                          w_gate_EDF=normal(kg, (s.E, s.D, s.F), s.D), activation="swiglu")
+  return normal(kx, (s.T, s.D), 1), normal(kr, (s.D, s.E), s.D, jnp.float32), experts
+
+
+def dense_equiv(s: Shape, x_XD, w) -> jax.Array:
+  del s
+  h_XF = jax.nn.silu(x_XD @ w["gate_DF"]) * (x_XD @ w["up_DF"])
+  return h_XF @ w["down_FD"]
+
+
+def route_top_k(x_TD, w_DE, k: int) -> RoutingDecision:
+  """The library's TopKRouter (float32 logits, renormalised top-k, aux losses)."""
+  return TopKRouter(num_experts=w_DE.shape[1], k=k).apply({"params": {"w_DE": w_DE}}, x_TD)
+
+
+def moe_einsum(s: Shape, x_TD, w_DE, experts) -> jax.Array:
+  opts = CapacityOptions(capacity_factor=EINSUM_CAPACITY_FACTOR,
+                         group_size=min(EINSUM_GROUP_SIZE, s.T))
+  y_TD, _ = get_dispatcher("einsum")(x_TD, route_top_k(x_TD, w_DE, s.K), experts, opts)
+  return y_TD
+
+
+def moe_sorted(s: Shape, x_TD, w_DE, experts) -> jax.Array:
+  y_TD, _ = get_dispatcher("sorted")(x_TD, route_top_k(x_TD, w_DE, s.K), experts)
+  return y_TD
+
+
+@flax.struct.dataclass
+class TokamaxExpertWeights(ExpertWeights):
+  """ExpertWeights whose ragged (sorted-dispatch) path uses tokamax.ragged_dot."""
+
+  def ragged(self, x_XD, group_sizes_E):
+    up = tokamax.ragged_dot(x_XD, self.w_up_EDF, group_sizes_E)
+    gate = tokamax.ragged_dot(x_XD, self.w_gate_EDF, group_sizes_E)
+    h = (jax.nn.silu(gate) * up).astype(self.w_down_EFD.dtype)
+    return tokamax.ragged_dot(h, self.w_down_EFD, group_sizes_E)
+
+
+def moe_tokamax(s: Shape, x_TD, w_DE, experts) -> jax.Array:
+  experts = TokamaxExpertWeights(**{f.name: getattr(experts, f.name)
+                                    for f in dataclasses.fields(experts)})
+  return moe_sorted(s, x_TD, w_DE, experts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  make_inputs: Callable[[Shape, jax.Array], tuple]
+  apply: Callable[..., jax.Array]  # (shape, *inputs) -> y
+
+
+VARIANT_FNS = {
+    "dense_equiv": Variant(dense_inputs, dense_equiv),
+    "einsum": Variant(moe_inputs, moe_einsum),
+    "sorted": Variant(moe_inputs, moe_sorted),
+    "tokamax": Variant(moe_inputs, moe_tokamax),
+}
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def make_step(apply: Callable[..., jax.Array], mode: str, num_inputs: int) -> Callable:
+  """The function timed for a mode: the forward, or loss and grads w.r.t. every input."""
+  if mode == "fwd":
+    return apply
+  loss = lambda *inputs: jnp.sum(jnp.square(apply(*inputs).astype(jnp.float32)))
+  return jax.value_and_grad(loss, argnums=tuple(range(num_inputs)))
+
+
+def describe(e: Exception) -> str:
+  """One line for the table: exception type and the first line of its message."""
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def all_finite(tree) -> bool:
+  return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def time_step(step: Callable, inputs: tuple, iters: int, max_s: float) -> dict:
+  """Compile (timed), warm up once, then the median wall time of `iters` calls.
+
+  Slow rows stop early: after 3 calls, once the timed calls add up to `max_s`.
+  """
+  t0 = time.perf_counter()
+  compiled = jax.jit(step).lower(*inputs).compile()
+  compile_s = time.perf_counter() - t0
+  out = jax.block_until_ready(compiled(*inputs))
+  times = []
+  while len(times) < iters and (len(times) < 3 or sum(times) < max_s):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(*inputs))
+    times.append(time.perf_counter() - t0)
+  return {"ms": 1e3 * statistics.median(times), "iters": len(times), "compile_s": compile_s,
+          "finite": all_finite(out)}
+
+
+def empty_row(s: Shape, variant: str, mode: str, error: str | None = None) -> dict:
+  return {"shape": s.name, "variant": variant, "mode": mode, "ms": None, "active_tflops": None,
+          "ratio_to_dense": None, "compile_s": None, "iters": 0, "finite": None, "error": error}
+
+
+def bench_row(s: Shape, variant: str, mode: str, inputs: tuple, opts: Options) -> dict:
+  row = empty_row(s, variant, mode)
+  try:
+    step = make_step(functools.partial(VARIANT_FNS[variant].apply, s), mode, len(inputs))
+    row.update(time_step(step, inputs, opts.iters, opts.max_row_s))
+    row["active_tflops"] = s.active_flops(mode) / (row["ms"] * 1e-3) / 1e12
+    if not row["finite"]:
+      print(f"WARNING: non-finite values in {s.name}/{variant}/{mode} output", flush=True)
+  except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory)
+    row["error"] = describe(e)
+  return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+  """ratio_to_dense = dense_equiv ms / variant ms for the same shape and mode."""
+  dense_ms = {(r["shape"], r["mode"]): r["ms"] for r in rows if r["variant"] == "dense_equiv"}
+  for r in rows:
+    ref = dense_ms.get((r["shape"], r["mode"]))
+    if ref and r["ms"]:
+      r["ratio_to_dense"] = ref / r["ms"]
+
+
+# ----------------------------------------------------------------------------- suites
+
+
+def run_layer_suite(opts: Options) -> list[dict]:
+  """Every shape x variant x mode of one MoE FFN layer; errors become rows."""
+  variants = [v for v in opts.variants if v != "tokamax" or tokamax is not None]
+  if "tokamax" in opts.variants and tokamax is None:
+    print(f"tokamax variant skipped: import tokamax failed ({TOKAMAX_ERROR})", flush=True)
+  rows = []
+  for s in SHAPES[opts.shapes]:
+    for variant in variants:
+      try:
+        inputs = jax.block_until_ready(VARIANT_FNS[variant].make_inputs(s, jax.random.key(0)))
+      except Exception as e:  # pylint: disable=broad-except
+        rows += [empty_row(s, variant, m, "inputs: " + describe(e)) for m in opts.modes]
+        continue
+      for mode in opts.modes:
+        rows.append(bench_row(s, variant, mode, inputs, opts))
+        print("  " + format_row(rows[-1]), flush=True)
+      del inputs
+  add_ratios(rows)
+  return rows
+
+
+SUITES: dict[str, Callable[[Options], list[dict]]] = {"layer": run_layer_suite}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def meta_info(opts: Options, suite: str) -> dict:
+  dev = jax.devices()[0]
+  try:
+    jaxlib_version = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    jaxlib_version = None
+  return {"suite": suite, "shapes": opts.shapes, "modes": opts.modes, "variants": opts.variants,
+          "iters": opts.iters, "max_row_s": opts.max_row_s, "backend": jax.default_backend(),
+          "device_kind": dev.device_kind,
+          "device_count": jax.device_count(), "jax": jax.__version__, "jaxlib": jaxlib_version,
+          "tokamax": getattr(tokamax, "__version__", "?") if tokamax else None,
+          "tokamax_error": TOKAMAX_ERROR, "python": platform.python_version(),
+          "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def fmt(value, width: int, digits: int) -> str:
+  return f"{'-':>{width}}" if value is None else f"{value:{width}.{digits}f}"
+
+
+def format_row(r: dict) -> str:
+  return (f"{r['shape']:<12} {r['variant']:<12} {r['mode']:<8} {fmt(r['ms'], 10, 2)} "
+          f"{fmt(r['active_tflops'], 9, 3)} {fmt(r['ratio_to_dense'], 7, 3)} "
+          f"{fmt(r['compile_s'], 9, 2)} {r['iters']:>5}  "
+          f"{r['error'] or ('' if r['finite'] else 'NON-FINITE')}")
+
+
+def print_table(rows: list[dict]) -> None:
+  print(f"{'shape':<12} {'variant':<12} {'mode':<8} {'ms':>10} {'TFLOP/s':>9} "
+        f"{'ratio':>7} {'compile_s':>9} {'iters':>5}  error")
+  for r in rows:
+    print(format_row(r))
+
+
+def parse_list(flag_name: str, values: list[str], allowed: tuple[str, ...]) -> list[str]:
+  unknown = [v for v in values if v not in allowed]
+  if unknown or not values:
+    sys.exit(f"error: --{flag_name}={','.join(values)} has unknown or no values; "
+             f"allowed: {','.join(allowed)}")
+  return list(values)
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  if _SUITE.value not in SUITES:
+    sys.exit(f"error: unknown --suite={_SUITE.value}; allowed: {','.join(SUITES)}")
+  opts = Options(shapes=_SHAPES.value, modes=parse_list("modes", _MODES.value, MODES),
+                 variants=parse_list("variants", _VARIANTS.value, VARIANTS),
+                 iters=_ITERS.value or (15 if _SHAPES.value == "gpu" else 5),
+                 max_row_s=_MAX_ROW_S.value)
+  meta = meta_info(opts, _SUITE.value)
+  print(f"jax {meta['jax']} (jaxlib {meta['jaxlib']}), backend {meta['backend']}, "
+        f"{meta['device_count']} x {meta['device_kind']}, iters {opts.iters}")
+  for s in SHAPES[opts.shapes]:
+    print(f"shape {s.name}: T={s.T} D={s.D} F={s.F} E={s.E} K={s.K}, "
+          f"active GFLOP fwd={s.active_flops('fwd') / 1e9:.2f}")
+  t0 = time.perf_counter()
+  rows = SUITES[_SUITE.value](opts)
+  meta["wall_s"] = time.perf_counter() - t0
+  print(f"\nratio = dense_equiv ms / variant ms (share of the dense ceiling); "
+        f"TFLOP/s = active FLOPs / time; wall {meta['wall_s']:.1f} s")
+  print_table(rows)
+  if _JSON.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
+    with open(_JSON.value, "w") as f:
+      json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"wrote {_JSON.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

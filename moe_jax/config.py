@@ -1,0 +1,162 @@
+"""Frozen dataclasses carrying hyper-parameters into modules.
+
+`MoEConfig` describes one MoE feed-forward layer, `TransformerConfig` a stack.
+Both validate themselves on construction so a bad value fails at build time
+with a message naming the field (see validation.py). Experiment configs
+(ml_collections) are turned into these with `MoEConfig(**cfg.moe)` etc.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from moe_jax import validation as V
+
+ROUTERS = ("top_k", "expert_choice")
+DISPATCHERS = ("einsum", "sorted", "dense")
+ACTIVATIONS = ("swiglu", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """One sparse MoE feed-forward layer.
+
+  Attributes:
+    num_experts: E, routed experts.
+    k: experts per token (token-choice routers); ignored by expert choice.
+    expert_hidden_dim: F, hidden width of each expert.
+    router: "top_k" (token choice) or "expert_choice".
+    dispatch: "einsum" (one-hot, capacity, groups), "sorted" (dropless,
+      ragged_dot) or "dense" (every expert on every token; a reference).
+    activation: "swiglu" or "gelu".
+    renormalize: token choice: rescale the k weights to sum to 1.
+    batch_priority: token choice: fill capacity in order of each token's top
+      weight (V-MoE's batch priority routing) instead of token order.
+    jitter: multiplicative router-input noise x * U(1-jitter, 1+jitter) while
+      training (needs a "jitter" rng); 0 disables it.
+    capacity_factor: capacity while training; C = ceil(cf * S * k / E) for token
+      choice with einsum, C = round(cf * S / E) for expert choice.
+    eval_capacity_factor: capacity at eval; None means capacity_factor.
+    min_capacity: lower bound on C.
+    group_size: S, tokens per routing group (einsum and expert choice); None
+      means all tokens of the call form one group.
+    num_shared_experts: always-on FFNs added to the routed output.
+    shared_hidden_dim: hidden width of each shared expert; None means F.
+    load_balance_weight: weight of the Switch load-balancing loss.
+    z_loss_weight: weight of the router z-loss.
+  """
+
+  num_experts: int = 8
+  k: int = 2
+  expert_hidden_dim: int = 256
+  router: str = "top_k"
+  dispatch: str = "sorted"
+  activation: str = "swiglu"
+  renormalize: bool = True
+  batch_priority: bool = False
+  jitter: float = 0.0
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float | None = None
+  min_capacity: int = 1
+  group_size: int | None = None
+  num_shared_experts: int = 0
+  shared_hidden_dim: int | None = None
+  load_balance_weight: float = 1e-2
+  z_loss_weight: float = 1e-3
+
+  def __post_init__(self):
+    V.check_int_range("num_experts", self.num_experts, lo=1)
+    V.check_int_range("expert_hidden_dim", self.expert_hidden_dim, lo=1)
+    V.check_choice("router", self.router, ROUTERS)
+    V.check_choice("dispatch", self.dispatch, DISPATCHERS)
+    V.check_choice("activation", self.activation, ACTIVATIONS)
+    if self.router == "top_k":
+      V.check_int_range("k", self.k, lo=1, hi=self.num_experts)
+    V.check_fraction("jitter", self.jitter)
+    V.check_positive("capacity_factor", self.capacity_factor)
+    if self.eval_capacity_factor is not None:
+      V.check_positive("eval_capacity_factor", self.eval_capacity_factor)
+    V.check_int_range("min_capacity", self.min_capacity, lo=0)
+    if self.group_size is not None:
+      V.check_int_range("group_size", self.group_size, lo=1)
+    V.check_int_range("num_shared_experts", self.num_shared_experts, lo=0)
+    if self.shared_hidden_dim is not None:
+      V.check_int_range("shared_hidden_dim", self.shared_hidden_dim, lo=1)
+    for name in ("load_balance_weight", "z_loss_weight"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+
+  def capacity_factor_for(self, deterministic: bool) -> float:
+    if deterministic and self.eval_capacity_factor is not None:
+      return self.eval_capacity_factor
+    return self.capacity_factor
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """A pre-norm transformer stack whose feed-forward layers may be MoE.
+
+  Which layers are MoE (combine freely; none set means no MoE layer):
+    moe_every: every N-th layer (layers N-1, 2N-1, ...), as in Switch/GShard.
+    moe_last: the last N layers, as in IMP ("last 6 of 12").
+    moe_layers: explicit layer indices.
+  """
+
+  num_layers: int = 4
+  d_model: int = 128
+  num_heads: int = 4
+  head_dim: int | None = None  # None: d_model // num_heads
+  mlp_dim: int = 512  # dense FFN hidden width
+  activation: str = "swiglu"  # dense FFN activation
+  causal: bool = False  # decoder (causal mask + RoPE) or encoder
+  rope: bool | None = None  # None: RoPE iff causal
+  rope_max_wavelength: float = 10_000.0
+  dropout_rate: float = 0.0
+  moe: MoEConfig | None = None
+  moe_every: int | None = None
+  moe_last: int | None = None
+  moe_layers: tuple[int, ...] = ()
+  remat: bool = False
+  scan_layers: bool = False
+  norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    V.check_int_range("num_layers", self.num_layers, lo=1)
+    V.check_int_range("d_model", self.d_model, lo=1)
+    V.check_int_range("num_heads", self.num_heads, lo=1)
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(
+          f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+          "set head_dim explicitly or pick divisible values")
+    if self.head_dim is not None:
+      V.check_int_range("head_dim", self.head_dim, lo=1)
+    if self.uses_rope and self.resolved_head_dim % 2:
+      raise ValueError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
+    V.check_int_range("mlp_dim", self.mlp_dim, lo=1)
+    V.check_choice("activation", self.activation, ACTIVATIONS)
+    V.check_fraction("dropout_rate", self.dropout_rate)
+    if self.moe_every is not None:
+      V.check_int_range("moe_every", self.moe_every, lo=1)
+    if self.moe_last is not None:
+      V.check_int_range("moe_last", self.moe_last, lo=0, hi=self.num_layers)
+    for i in self.moe_layers:
+      V.check_int_range("moe_layers[i]", i, lo=0, hi=self.num_layers - 1)
+    if self.moe is None and self.moe_layer_indices():
+      raise ValueError("moe_every/moe_last/moe_layers place MoE layers but moe=None; "
+                       "set moe=MoEConfig(...)")
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+  @property
+  def uses_rope(self) -> bool:
+    return self.causal if self.rope is None else self.rope
+
+  def moe_layer_indices(self) -> tuple[int, ...]:
+    """Sorted indices of the layers whose FFN is an MoE layer."""
+    idx = set(self.moe_layers)
+    if self.moe_every:
+      idx |= set(range(self.moe_every - 1, self.num_layers, self.moe_every))
+    if self.moe_last:
+      idx |= set(range(self.num_layers - self.moe_last, self.num_layers))
+    return tuple(sorted(idx))

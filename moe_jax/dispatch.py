@@ -1,0 +1,166 @@
+"""Dispatchers: move tokens to experts and combine the results.
+
+Axis letters: T tokens, D model dim, E experts, K slots per token,
+G groups, S tokens per group, C capacity per expert and group.
+
+Each dispatcher is a pure function
+`fn(x_TD, decision, experts, capacity=None) -> (y_TD, metrics)`:
+  - "einsum": one-hot dispatch/combine tensors with a fixed capacity per expert
+    and group (static shapes; the TPU-friendly baseline). Slots past capacity are
+    dropped in priority order and `metrics["dropped_fraction"]` reports the share.
+  - "sorted": dropless. Slots are argsorted by expert, each expert's rows run as
+    one ragged group (jax.lax.ragged_dot), then unsorted and combined.
+  - "dense": every expert on every token, weighted; a reference, O(E) compute.
+With no slot over capacity, all give the numbers of a plain loop over experts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax import validation as V
+from moe_jax.config import DISPATCHERS
+from moe_jax.experts import ExpertWeights
+from moe_jax.routing import RoutingDecision, resolve_group_size, token_choice_capacity
+
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityOptions:
+  """How capacity-limited dispatchers size their buffers (dropless ones ignore it)."""
+
+  capacity_factor: float = 1.25
+  group_size: int | None = None
+  min_capacity: int = 1
+
+
+def _check_inputs(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights) -> None:
+  V.check_rank("dispatch input x_TD", x_TD, 2, "tokens, model dim")
+  if decision.num_tokens != x_TD.shape[0]:
+    raise ValueError(f"routing decision covers T={decision.num_tokens} tokens but x_TD has "
+                     f"T={x_TD.shape[0]}")
+  if experts.d_model != x_TD.shape[1]:
+    raise ValueError(f"x_TD has model dim D={x_TD.shape[1]} but the experts expect "
+                     f"D={experts.d_model}")
+
+
+def assign_capacity_slots(decision: RoutingDecision, num_experts: int, group_size: int,
+                          capacity: int) -> tuple[jax.Array, jax.Array]:
+  """Position of each slot in its expert's buffer, and whether it fits.
+
+  Within each group, slots fill their expert's C places in order: all first
+  choices before any second choice (Switch/V-MoE), and within one choice rank by
+  token order or, when `decision.priority_T` is set, by descending priority.
+  Returns (position_TK int32, keep_TK bool).
+  """
+  T, K = decision.expert_index_TK.shape
+  S, E = group_size, num_experts
+  G = T // S
+  valid_GSK = decision.valid_TK().reshape(G, S, K)
+  index_GSK = decision.expert_index_TK.reshape(G, S, K)
+  if decision.priority_T is not None:
+    order_GS = jnp.argsort(-decision.priority_T.reshape(G, S), axis=1, stable=True)
+  else:
+    order_GS = jnp.broadcast_to(jnp.arange(S), (G, S))
+  take = lambda a: jnp.take_along_axis(a, order_GS[:, :, None], axis=1)
+  onehot_GSKE = jax.nn.one_hot(take(index_GSK), E, dtype=jnp.int32) * take(valid_GSK)[..., None]
+  # Rank k of every token comes before rank k+1 of any token.
+  onehot_GKSE = onehot_GSKE.transpose(0, 2, 1, 3).reshape(G, K * S, E)
+  position_GKSE = jnp.cumsum(onehot_GKSE, axis=1) - 1
+  position_GSK = jnp.sum(position_GKSE * onehot_GKSE, axis=-1).reshape(G, K, S).transpose(0, 2, 1)
+  # Undo the priority order.
+  inverse_GS = jnp.argsort(order_GS, axis=1)
+  position_GSK = jnp.take_along_axis(position_GSK, inverse_GS[:, :, None], axis=1)
+  keep_GSK = valid_GSK & (position_GSK < capacity)
+  return position_GSK.reshape(T, K).astype(jnp.int32), keep_GSK.reshape(T, K)
+
+
+def einsum_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,
+                    capacity: CapacityOptions | None = None) -> tuple[jax.Array, Metrics]:
+  """One-hot dispatch with per-group capacity (drops overflow)."""
+  _check_inputs(x_TD, decision, experts)
+  opts = capacity or CapacityOptions()
+  T, D = x_TD.shape
+  K = decision.expert_index_TK.shape[1]
+  E = experts.num_experts
+  S = decision.group_size or resolve_group_size(T, opts.group_size)
+  G = T // S
+  C = decision.capacity or token_choice_capacity(S, K, E, opts.capacity_factor,
+                                                 opts.min_capacity)
+  position_TK, keep_TK = assign_capacity_slots(decision, E, S, C)
+  dt = x_TD.dtype
+  expert_GSKE = jax.nn.one_hot(decision.expert_index_TK, E, dtype=dt).reshape(G, S, K, E)
+  slot_GSKC = jax.nn.one_hot(jnp.where(keep_TK, position_TK, C), C, dtype=dt).reshape(G, S, K, C)
+  dispatch_GSEC = jnp.einsum("GSKE,GSKC->GSEC", expert_GSKE, slot_GSKC)
+  weight_GSK = jnp.where(keep_TK, decision.weight_TK, 0.0).astype(dt).reshape(G, S, K)
+  combine_GSEC = jnp.einsum("GSKE,GSKC,GSK->GSEC", expert_GSKE, slot_GSKC, weight_GSK)
+  x_GSD = x_TD.reshape(G, S, D)
+  x_EGCD = jnp.einsum("GSEC,GSD->EGCD", dispatch_GSEC, x_GSD)
+  y_EXD = experts.batched(x_EGCD.reshape(E, G * C, D))
+  y_GSD = jnp.einsum("GSEC,EGCD->GSD", combine_GSEC, y_EXD.reshape(E, G, C, D))
+  valid = decision.valid_TK()
+  dropped = 1.0 - keep_TK.sum() / jnp.maximum(valid.sum(), 1)
+  return y_GSD.reshape(T, D), {"dropped_fraction": dropped.astype(jnp.float32)}
+
+
+def sort_slots_by_expert(decision: RoutingDecision, num_experts: int):
+  """Order of the T*K slots sorted by expert (unused slots last) and group sizes.
+
+  Returns (order_X, group_sizes_E, valid_X) where X = T*K flattened slots, so
+  slot order_X[i] is the i-th row in expert-sorted order and its token is
+  order_X[i] // K.
+  """
+  valid_X = decision.valid_TK().reshape(-1)
+  expert_X = jnp.where(valid_X, decision.expert_index_TK.reshape(-1), num_experts)
+  order_X = jnp.argsort(expert_X, stable=True)
+  group_sizes_E = jnp.bincount(expert_X, length=num_experts + 1)[:num_experts]
+  return order_X, group_sizes_E.astype(jnp.int32), valid_X
+
+
+def sorted_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,
+                    capacity: CapacityOptions | None = None) -> tuple[jax.Array, Metrics]:
+  """Dropless: sort slots by expert, one ragged grouped matmul, unsort, combine."""
+  del capacity  # dropless
+  _check_inputs(x_TD, decision, experts)
+  T, D = x_TD.shape
+  K = decision.expert_index_TK.shape[1]
+  order_X, group_sizes_E, valid_X = sort_slots_by_expert(decision, experts.num_experts)
+  x_XD = jnp.take(x_TD, order_X // K, axis=0)
+  y_XD = experts.ragged(x_XD, group_sizes_E)
+  # Unused slots were sorted past the last group: zero them (their rows are unspecified).
+  y_XD = jnp.where(jnp.take(valid_X, order_X)[:, None], y_XD, 0)
+  inverse_X = jnp.zeros_like(order_X).at[order_X].set(jnp.arange(order_X.shape[0]))
+  y_TKD = jnp.take(y_XD, inverse_X, axis=0).reshape(T, K, D)
+  weight_TK = jnp.where(decision.valid_TK(), decision.weight_TK, 0.0).astype(x_TD.dtype)
+  y_TD = jnp.einsum("TKD,TK->TD", y_TKD, weight_TK)
+  return y_TD, {"dropped_fraction": jnp.zeros((), jnp.float32)}
+
+
+def dense_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,
+                   capacity: CapacityOptions | None = None) -> tuple[jax.Array, Metrics]:
+  """Reference: every expert on every token, combined by the routing weights."""
+  del capacity
+  _check_inputs(x_TD, decision, experts)
+  E = experts.num_experts
+  y_ETD = experts.batched(jnp.broadcast_to(x_TD, (E,) + x_TD.shape))
+  gates_TE = decision.gates_TE(E).astype(x_TD.dtype)
+  return jnp.einsum("TE,ETD->TD", gates_TE, y_ETD), {"dropped_fraction": jnp.zeros((), jnp.float32)}
+
+
+Dispatcher = Callable[..., tuple[jax.Array, Metrics]]
+_REGISTRY: dict[str, Dispatcher] = {
+    "einsum": einsum_dispatch,
+    "sorted": sorted_dispatch,
+    "dense": dense_dispatch,
+}
+assert tuple(_REGISTRY) == DISPATCHERS
+
+
+def get_dispatcher(name: str) -> Dispatcher:
+  """The dispatch function registered under `name`."""
+  V.check_choice("dispatch", name, _REGISTRY)
+  return _REGISTRY[name]

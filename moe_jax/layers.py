@@ -1,0 +1,68 @@
+"""The sparse MoE feed-forward layer: router -> dispatch -> experts -> combine (+ shared).
+
+Axis letters: T tokens, D model dim, E experts.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax import losses
+from moe_jax.config import MoEConfig
+from moe_jax.dispatch import CapacityOptions, get_dispatcher
+from moe_jax.experts import ExpertBank, FeedForward
+from moe_jax.routing import make_router
+
+
+class MoELayer(nn.Module):
+  """Sparse MoE FFN over inputs of any leading shape [..., D].
+
+  Sows, per call:
+    "aux_loss"/"moe": load_balance_weight * lb + z_loss_weight * z (sum all
+      leaves of this collection into the task loss: `losses.sum_aux_losses`).
+    "moe_metrics"/"moe": dict of raw losses and router metrics.
+  The jitter noise, when configured, draws from the "jitter" rng.
+  """
+
+  config: MoEConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool = True,
+               condition: Any = None) -> jax.Array:
+    cfg = self.config
+    if not isinstance(cfg, MoEConfig):
+      raise ValueError(f"MoELayer.config must be a MoEConfig, got {type(cfg).__name__}")
+    if x.ndim < 2:
+      raise ValueError(f"MoELayer input must be [..., D]; got shape {tuple(x.shape)}")
+    D = x.shape[-1]
+    stored = self.variables.get("params", {}).get("experts", {}).get("w_up_EDF")
+    if stored is not None and stored.shape[1] != D:
+      raise ValueError(f"MoE input has model dim D={D} but the expert weights were "
+                       f"built for D={stored.shape[1]}")
+    x_TD = x.reshape(-1, D)
+    decision = make_router(cfg, self.param_dtype)(x_TD, condition=condition,
+                                                  deterministic=deterministic)
+    experts = ExpertBank(cfg.num_experts, cfg.expert_hidden_dim, cfg.activation, self.dtype,
+                         self.param_dtype, name="experts")(D)
+    capacity = CapacityOptions(cfg.capacity_factor_for(deterministic), cfg.group_size,
+                               cfg.min_capacity)
+    y_TD, dispatch_metrics = get_dispatcher(cfg.dispatch)(x_TD.astype(self.dtype), decision,
+                                                          experts, capacity)
+    if cfg.num_shared_experts:
+      shared_F = (cfg.shared_hidden_dim or cfg.expert_hidden_dim) * cfg.num_shared_experts
+      y_TD = y_TD + FeedForward(shared_F, cfg.activation, self.dtype, self.param_dtype,
+                                name="shared_experts")(x_TD)
+    metrics = dict(decision.aux)
+    # Router drops (expert choice) and capacity drops (einsum) compound.
+    metrics["dropped_fraction"] = 1.0 - ((1.0 - metrics["dropped_fraction"]) *
+                                         (1.0 - dispatch_metrics["dropped_fraction"]))
+    self.sow(losses.METRICS_COLLECTION, "moe", metrics)
+    self.sow(losses.AUX_LOSS_COLLECTION, "moe",
+             cfg.load_balance_weight * metrics["load_balance_loss"]
+             + cfg.z_loss_weight * metrics["z_loss"])
+    return y_TD.reshape(x.shape).astype(self.dtype)

@@ -1,0 +1,173 @@
+"""Hand-worked routing cases: every expected number is derived in the comments.
+
+The router's weight is set to the identity so the input rows ARE the logits; rows
+are log-probabilities (plus a per-token constant c_t that softmax ignores but the
+z-loss sees).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import ExpertChoiceRouter, RoutingDecision, TopKRouter, assign_capacity_slots
+
+# Token x expert probability table for the top-k cases (T=3, E=3).
+P_TOP_K = np.array([[0.50, 0.30, 0.20],
+                    [0.10, 0.20, 0.70],
+                    [0.25, 0.60, 0.15]])
+C_T = np.array([1.0, 2.0, 0.0])  # logsumexp of each token's logits
+
+
+def _route(router, logits_TE, **kw):
+  x = jnp.asarray(logits_TE, jnp.float32)
+  params = {"params": {"w_DE": jnp.eye(x.shape[1])}}
+  return router.apply(params, x, **kw)
+
+
+def test_top_k_indices_and_renormalised_weights():
+  d = _route(TopKRouter(num_experts=3, k=2), np.log(P_TOP_K) + C_T[:, None])
+  # token 0: top-2 = e0 (0.5), e1 (0.3) -> renormalised 0.5/0.8, 0.3/0.8
+  # token 1: e2 (0.7), e1 (0.2)         -> 0.7/0.9, 0.2/0.9
+  # token 2: e1 (0.6), e0 (0.25)        -> 0.6/0.85, 0.25/0.85
+  np.testing.assert_array_equal(d.expert_index_TK, [[0, 1], [2, 1], [1, 0]])
+  np.testing.assert_allclose(d.weight_TK, [[0.625, 0.375], [7 / 9, 2 / 9],
+                                           [0.6 / 0.85, 0.25 / 0.85]], rtol=1e-5)
+  assert d.mask_TK is None and d.priority_T is None
+
+
+def test_top_k_without_renormalisation_keeps_probabilities():
+  d = _route(TopKRouter(num_experts=3, k=2, renormalize=False), np.log(P_TOP_K))
+  np.testing.assert_allclose(d.weight_TK, [[0.5, 0.3], [0.7, 0.2], [0.6, 0.25]], rtol=1e-5)
+
+
+def test_top_k_aux_losses():
+  d = _route(TopKRouter(num_experts=3, k=2), np.log(P_TOP_K) + C_T[:, None])
+  # Assignments: e0 <- tokens 0,2; e1 <- 0,1,2; e2 <- 1: f = [2, 3, 1] / 6.
+  # Mean probabilities P = [0.85, 1.10, 1.05] / 3.
+  # load balance = E * sum f*P = 3 * (2*0.85 + 3*1.10 + 1*1.05) / 18 = 6.05 / 6.
+  np.testing.assert_allclose(d.aux["load_balance_loss"], 6.05 / 6, rtol=1e-5)
+  np.testing.assert_allclose(d.aux["expert_load_E"], [2 / 6, 3 / 6, 1 / 6], rtol=1e-5)
+  # z-loss = mean(logsumexp^2) = (1 + 4 + 0) / 3.
+  np.testing.assert_allclose(d.aux["z_loss"], 5 / 3, rtol=1e-5)
+  # entropy = mean_t -sum_e p log p
+  h = -(P_TOP_K * np.log(P_TOP_K)).sum(1).mean()
+  np.testing.assert_allclose(d.aux["router_entropy"], h, rtol=1e-5)
+  assert float(d.aux["dropped_fraction"]) == 0.0
+
+
+def test_top_k_uniform_router_has_unit_load_balance_loss():
+  # All logits equal: P_e = 1/E, and with T=E tokens each picking a different
+  # expert (ties broken by index would all pick e0, so use tiny offsets).
+  logits = np.eye(4) * 1e-3
+  d = _route(TopKRouter(num_experts=4, k=1), logits)
+  np.testing.assert_array_equal(d.expert_index_TK[:, 0], [0, 1, 2, 3])
+  np.testing.assert_allclose(d.aux["load_balance_loss"], 1.0, rtol=1e-3)
+
+
+def test_batch_priority_is_top_weight():
+  d = _route(TopKRouter(num_experts=3, k=2, renormalize=False, batch_priority=True),
+             np.log(P_TOP_K))
+  np.testing.assert_allclose(d.priority_T, [0.5, 0.7, 0.6], rtol=1e-5)
+
+
+def test_jitter_only_while_training():
+  router = TopKRouter(num_experts=3, k=1, jitter=0.5)
+  x = jnp.asarray(np.log(P_TOP_K), jnp.float32)
+  params = {"params": {"w_DE": jnp.eye(3)}}
+  a = router.apply(params, x, deterministic=True)
+  b = router.apply(params, x, deterministic=False, rngs={"jitter": jax.random.key(0)})
+  np.testing.assert_array_equal(a.logits_TE, x)
+  assert not np.allclose(b.logits_TE, x)
+  # The noise is multiplicative and bounded: |noisy/clean - 1| <= jitter.
+  assert np.all(np.abs(np.asarray(b.logits_TE) / np.asarray(x) - 1) <= 0.5 + 1e-6)
+
+
+# Expert choice, T=3, E=3, capacity_factor=1: C = round(1 * 3 / 3) = 1 token per expert.
+P_EC = np.array([[0.50, 0.45, 0.05],
+                 [0.30, 0.10, 0.60],
+                 [0.20, 0.30, 0.50]])
+
+
+def test_expert_choice_picks_top_tokens_per_expert():
+  d = _route(ExpertChoiceRouter(num_experts=3, capacity_factor=1.0), np.log(P_EC))
+  # e0 column [0.5, 0.3, 0.2] -> token 0; e1 [0.45, 0.1, 0.3] -> token 0;
+  # e2 [0.05, 0.6, 0.5] -> token 1. Token 0 gets two experts, token 2 none.
+  assert d.capacity == 1
+  np.testing.assert_array_equal(d.mask_TK, [[1, 1, 0], [0, 0, 1], [0, 0, 0]])
+  np.testing.assert_allclose(d.weight_TK, [[0.5, 0.45, 0], [0, 0, 0.6], [0, 0, 0]], rtol=1e-5)
+  np.testing.assert_array_equal(d.expert_index_TK, np.tile([0, 1, 2], (3, 1)))
+  np.testing.assert_allclose(d.aux["dropped_fraction"], 1 / 3, rtol=1e-5)
+  np.testing.assert_allclose(d.aux["expert_load_E"], [1 / 3] * 3, rtol=1e-5)
+  assert float(d.aux["load_balance_loss"]) == 0.0
+
+
+def test_expert_choice_groups_choose_independently():
+  # T=4 in groups of 2, E=2, cf=1: C = round(2 / 2) = 1 per expert and group.
+  p = np.array([[0.9, 0.1], [0.8, 0.2],    # group 0: e0 -> token 0, e1 -> token 1
+                [0.3, 0.7], [0.4, 0.6]])   # group 1: e0 -> token 3, e1 -> token 2
+  d = _route(ExpertChoiceRouter(num_experts=2, capacity_factor=1.0, group_size=2), np.log(p))
+  np.testing.assert_array_equal(d.mask_TK, [[1, 0], [0, 1], [0, 1], [1, 0]])
+  np.testing.assert_allclose(d.weight_TK, [[0.9, 0], [0, 0.2], [0, 0.7], [0.4, 0]], rtol=1e-5)
+  assert float(d.aux["dropped_fraction"]) == 0.0
+
+
+def test_expert_choice_eval_capacity_factor():
+  router = ExpertChoiceRouter(num_experts=3, capacity_factor=1.0, eval_capacity_factor=2.0)
+  x = jnp.asarray(np.log(P_EC), jnp.float32)
+  params = {"params": {"w_DE": jnp.eye(3)}}
+  # round(2 * 3 / 3) = 2 tokens per expert at eval, 1 while training.
+  assert router.apply(params, x, deterministic=True).capacity == 2
+  assert router.apply(params, x, deterministic=False).capacity == 1
+
+
+def _decision(index_TK, priority_T=None):
+  index = jnp.asarray(index_TK, jnp.int32)
+  return RoutingDecision(expert_index_TK=index, weight_TK=jnp.ones(index.shape),
+                         priority_T=None if priority_T is None else jnp.asarray(priority_T))
+
+
+def test_capacity_keeps_first_tokens_in_token_order():
+  # E=2, C=1: expert 0 is wanted by tokens 0, 1, 3 -> only token 0 fits.
+  pos, keep = assign_capacity_slots(_decision([[0], [0], [1], [0]]), 2, 4, 1)
+  np.testing.assert_array_equal(pos[:, 0], [0, 1, 0, 2])
+  np.testing.assert_array_equal(keep[:, 0], [1, 0, 1, 0])
+
+
+def test_capacity_keeps_highest_priority_tokens():
+  # Same routing; priorities 0.1, 0.9, 0.5, 0.3 -> expert 0 fills with token 1 first.
+  pos, keep = assign_capacity_slots(_decision([[0], [0], [1], [0]], [0.1, 0.9, 0.5, 0.3]),
+                                    2, 4, 1)
+  np.testing.assert_array_equal(pos[:, 0], [2, 0, 0, 1])
+  np.testing.assert_array_equal(keep[:, 0], [0, 1, 1, 0])
+
+
+def test_capacity_fills_all_first_choices_before_second_choices():
+  # C=2. Rank 0: t0->e0 (pos 0), t1->e0 (1), t2->e1 (0).
+  # Rank 1: t0->e1 (pos 1), t1->e1 (pos 2: dropped), t2->e0 (pos 2: dropped).
+  # (Token-major filling would instead give t0's second choice e1 position 0.)
+  pos, keep = assign_capacity_slots(_decision([[0, 1], [0, 1], [1, 0]]), 2, 3, 2)
+  np.testing.assert_array_equal(pos, [[0, 1], [1, 2], [0, 2]])
+  np.testing.assert_array_equal(keep, [[1, 1], [1, 0], [1, 0]])
+
+
+def test_capacity_is_per_group():
+  # Two groups of 2, C=1, everyone wants e0: the first token of each group fits.
+  _, keep = assign_capacity_slots(_decision([[0], [0], [0], [0]]), 2, 2, 1)
+  np.testing.assert_array_equal(keep[:, 0], [1, 0, 1, 0])
+
+
+def test_router_logits_are_float32_for_bf16_input():
+  router = TopKRouter(num_experts=4, k=2)
+  x = jax.random.normal(jax.random.key(0), (8, 16), jnp.bfloat16)
+  params = router.init(jax.random.key(1), x)
+  d = router.apply(params, x)
+  assert d.logits_TE.dtype == jnp.float32 and d.weight_TK.dtype == jnp.float32
+  assert params["params"]["w_DE"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("router", [TopKRouter(num_experts=3, k=1),
+                                    ExpertChoiceRouter(num_experts=3)])
+def test_routers_reject_a_condition(router):
+  x = jnp.ones((3, 3))
+  with pytest.raises(ValueError, match="condition"):
+    router.init(jax.random.key(0), x, condition=jnp.ones((3,)))
