@@ -39,6 +39,9 @@ class MoEConfig:
     min_capacity: lower bound on C.
     group_size: S, tokens per routing group (einsum and expert choice); None
       means all tokens of the call form one group.
+    sequence_groups: route each sequence of a [B, S, D] input as its own group
+      (group_size = S, overriding group_size), as V-MoE/IMP do per image; keeps
+      one-hot dispatch cost linear in the batch.
     num_shared_experts: always-on FFNs added to the routed output.
     shared_hidden_dim: hidden width of each shared expert; None means F.
     load_balance_weight: weight of the Switch load-balancing loss.
@@ -58,6 +61,7 @@ class MoEConfig:
   eval_capacity_factor: float | None = None
   min_capacity: int = 1
   group_size: int | None = None
+  sequence_groups: bool = False
   num_shared_experts: int = 0
   shared_hidden_dim: int | None = None
   load_balance_weight: float = 1e-2

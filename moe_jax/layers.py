@@ -45,11 +45,12 @@ class MoELayer(nn.Module):
       raise ValueError(f"MoE input has model dim D={D} but the expert weights were "
                        f"built for D={stored.shape[1]}")
     x_TD = x.reshape(-1, D)
-    decision = make_router(cfg, self.param_dtype)(x_TD, condition=condition,
-                                                  deterministic=deterministic)
+    group_size = x.shape[-2] if cfg.sequence_groups and x.ndim >= 3 else cfg.group_size
+    decision = make_router(cfg, self.param_dtype, group_size)(x_TD, condition=condition,
+                                                              deterministic=deterministic)
     experts = ExpertBank(cfg.num_experts, cfg.expert_hidden_dim, cfg.activation, self.dtype,
                          self.param_dtype, name="experts")(D)
-    capacity = CapacityOptions(cfg.capacity_factor_for(deterministic), cfg.group_size,
+    capacity = CapacityOptions(cfg.capacity_factor_for(deterministic), group_size,
                                cfg.min_capacity)
     y_TD, dispatch_metrics = get_dispatcher(cfg.dispatch)(x_TD.astype(self.dtype), decision,
                                                           experts, capacity)

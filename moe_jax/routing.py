@@ -208,8 +208,8 @@ class ExpertChoiceRouter(nn.Module):
         group_size=S)
 
 
-def make_router(cfg, param_dtype: Any = jnp.float32) -> nn.Module:
-  """The router a MoEConfig asks for."""
+def make_router(cfg, param_dtype: Any = jnp.float32, group_size: int | None = None) -> nn.Module:
+  """The router a MoEConfig asks for; `group_size` overrides cfg.group_size."""
   if cfg.router == "top_k":
     return TopKRouter(num_experts=cfg.num_experts, k=cfg.k, renormalize=cfg.renormalize,
                       batch_priority=cfg.batch_priority, jitter=cfg.jitter,
@@ -217,7 +217,8 @@ def make_router(cfg, param_dtype: Any = jnp.float32) -> nn.Module:
   if cfg.router == "expert_choice":
     return ExpertChoiceRouter(num_experts=cfg.num_experts, capacity_factor=cfg.capacity_factor,
                               eval_capacity_factor=cfg.eval_capacity_factor,
-                              group_size=cfg.group_size, min_capacity=cfg.min_capacity,
+                              group_size=group_size or cfg.group_size,
+                              min_capacity=cfg.min_capacity,
                               jitter=cfg.jitter, param_dtype=param_dtype, name="router")
   V.check_choice("router", cfg.router, ROUTERS)
 

@@ -1,0 +1,44 @@
+r"""Main job: train a config with AGD, e.g.
+
+  python -m experiments.train --config=experiments/configs/imp_tiny.py --workdir=/tmp/imp_tiny
+  python -m experiments.train --config=experiments/configs/imp_tiny.py:smoke \
+      --config.model.moe.num_experts=16 --workdir=/tmp/imp_smoke
+
+Bad flags, config keys, data or workdirs end the run with a one-line error.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from moe_jax.config_errors import explain_override_error
+from moe_jax.train import TrainingError, train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, summary.json.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing whose config-override errors are one clear line."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    sys.exit(f"error: {explain_override_error(argv, e)}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, TrainingError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,41 @@
+"""Orbax checkpoints of the train state and the data iterators' positions.
+
+Saves are synchronous and atomic (Orbax writes a temporary directory and renames
+it), so a run killed at any moment leaves its last finished checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints under `directory`; restores the latest."""
+
+  def __init__(self, directory: str, keep: int = 3):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     data=ocp.args.JsonSave(data_state)),
+                       force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """The state at `step`, laid out like `abstract_state` (shapes, dtypes, shardings)."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    return out["state"], out["data"]
+
+  def close(self) -> None:
+    self._manager.close()

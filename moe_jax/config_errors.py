@@ -1,0 +1,41 @@
+"""One-line explanations of bad `--config.a.b=value` overrides (ml_collections)."""
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import ml_collections
+
+
+def _load_config(argv: list[str]):
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_moe_jax_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def explain_override_error(argv: list[str], error: Exception) -> str:
+  """Names the first unknown override key and lists the valid keys at that level."""
+  try:
+    config = _load_config(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    return f"could not load the config file: {type(e).__name__}: {e}"
+  for arg in argv:
+    m = re.match(r"--config\.([\w.]+)=", arg)
+    if not m or config is None:
+      continue
+    node, walked = config, []
+    for key in m.group(1).split("."):
+      if not isinstance(node, (ml_collections.ConfigDict, dict)) or key not in node:
+        valid = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+        where = "config" + "".join(f".{w}" for w in walked)
+        return (f"unknown config key {key!r} in --config.{m.group(1)}; valid keys of {where}: "
+                f"{', '.join(valid)}")
+      walked.append(key)
+      node = node[key]
+  first = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {first[0] if first else ''}"

@@ -1,0 +1,76 @@
+"""Metric logging: TensorBoard event files in the workdir, console progress, averages."""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+
+class Averager:
+  """Running means of scalar metrics, grouped by a prefix (e.g. the task)."""
+
+  def __init__(self):
+    self._sums: dict[str, float] = {}
+    self._counts: dict[str, int] = {}
+
+  def add(self, prefix: str, metrics: Mapping[str, float]) -> None:
+    for k, v in metrics.items():
+      key = f"{prefix}/{k}"
+      self._sums[key] = self._sums.get(key, 0.0) + float(v)
+      self._counts[key] = self._counts.get(key, 0) + 1
+
+  def pop(self) -> dict[str, float]:
+    out = {k: self._sums[k] / self._counts[k] for k in self._sums}
+    self._sums, self._counts = {}, {}
+    return out
+
+
+class SummaryWriter:
+  """TensorBoard scalars (tensorboardX: no TensorFlow needed); a no-op when disabled."""
+
+  def __init__(self, logdir: str | None):
+    self._writer = None
+    if logdir:
+      from tensorboardX import SummaryWriter as TBWriter  # pylint: disable=import-outside-toplevel
+      self._writer = TBWriter(logdir, flush_secs=10)
+
+  def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    if self._writer is None:
+      return
+    for k, v in values.items():
+      if np.ndim(v) == 0:
+        self._writer.add_scalar(k, float(v), step)
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+  """Steps per second and ETA over the last logging interval."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self.total = total_steps
+    self._t, self._step = time.perf_counter(), start_step
+
+  def update(self, step: int) -> tuple[float, str]:
+    now = time.perf_counter()
+    rate = (step - self._step) / max(now - self._t, 1e-9)
+    self._t, self._step = now, step
+    eta = (self.total - step) / rate if rate > 0 else float("inf")
+    return rate, format_duration(eta)

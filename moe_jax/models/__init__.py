@@ -1,0 +1,54 @@
+"""Model registry: an experiment's `config.model` (a dict) -> a Linen module.
+
+Every model is called as `model(batch, task=..., deterministic=...) -> (loss, metrics)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from moe_jax import validation as V
+from moe_jax.config import MoEConfig, TransformerConfig
+from moe_jax.models.imp import IMPConfig, IMPModel
+from moe_jax.models.lm import DecoderLM, LMConfig
+
+MODELS = {"imp": (IMPModel, IMPConfig, "encoder"), "lm": (DecoderLM, LMConfig, "decoder")}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _fields(cls) -> set[str]:
+  return {f.name for f in dataclasses.fields(cls)}
+
+
+def _check_keys(where: str, given: Mapping[str, Any], allowed: set[str]) -> None:
+  unknown = sorted(set(given) - allowed)
+  if unknown:
+    raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {', '.join(sorted(allowed))}")
+
+
+def _tuples(d: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def build_model(model_cfg: Mapping[str, Any]):
+  """`{"name": "imp" | "lm", "dtype": ..., "moe": {...} | None, <stack and model fields>}`."""
+  cfg = _tuples(dict(model_cfg))
+  name, dtype = cfg.pop("name", "imp"), cfg.pop("dtype", "float32")
+  V.check_choice("model.name", name, MODELS)
+  V.check_choice("model.dtype", dtype, DTYPES)
+  module_cls, config_cls, stack_field = MODELS[name]
+  moe = cfg.pop("moe", None)
+  stack_keys = _fields(TransformerConfig) - {"moe"}
+  model_keys = _fields(config_cls) - {stack_field}
+  _check_keys("config.model", cfg, stack_keys | model_keys | {"name", "dtype", "moe"})
+  if moe:
+    moe = dict(moe)
+    _check_keys("config.model.moe", moe, _fields(MoEConfig))
+    moe = MoEConfig(**moe)
+  stack = TransformerConfig(moe=moe or None, **{k: v for k, v in cfg.items() if k in stack_keys})
+  model_config = config_cls(**{stack_field: stack},
+                            **{k: v for k, v in cfg.items() if k in model_keys})
+  return module_cls(model_config, dtype=DTYPES[dtype])

@@ -1,0 +1,147 @@
+"""IMP: one shared MoE encoder for image, video, audio and text (Akbari et al. 2023).
+
+Axis letters: B batch, N tokens, D model dim, E embedding dim (contrastive space).
+
+Per modality: a tokenizer (patches / tubelets / spectrogram patches / bytes) with
+per-axis position embeddings, and an output projection after the shared encoder.
+Heads: one classifier per dataset (`Task.head_name`) and, per modality pair, two
+contrastive projections with a learnable temperature (symmetric InfoNCE with
+in-batch negatives). Zero-shot classification compares a query's embedding with
+the embeddings of text prompts made from the class names.
+
+`IMPModel(batch, task=..., deterministic=...) -> (loss, metrics)`; the DropToken
+rng is "droptoken".
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax import losses
+from moe_jax.agd import Task
+from moe_jax.config import TransformerConfig
+from moe_jax.data.text import ByteTokenizer
+from moe_jax.models.tokenizers import PatchTokenizer, TextTokenizer, drop_tokens
+from moe_jax.transformer import TransformerStack
+
+
+@dataclasses.dataclass(frozen=True)
+class IMPConfig:
+  encoder: TransformerConfig
+  patch_image: tuple[int, ...] = (2, 2)
+  patch_video: tuple[int, ...] = (2, 2, 2)
+  patch_audio: tuple[int, ...] = (4, 4)
+  vocab_size: int = ByteTokenizer.vocab_size
+  max_positions: int = 64
+  embed_dim: int = 64
+  init_temperature: float = 0.1
+
+
+def _masked_mean(x_BND: jax.Array, mask_BN: jax.Array | None) -> jax.Array:
+  if mask_BN is None:
+    return x_BND.mean(axis=1)
+  w = mask_BN.astype(x_BND.dtype)[:, :, None]
+  return (x_BND * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
+def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+
+
+class IMPModel(nn.Module):
+  """Multimodal MoE encoder with per-task heads; see the module docstring."""
+
+  config: IMPConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _dense(self, features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+  def _tokenize(self, modality: str, x: jax.Array, task: Task):
+    cfg = self.config
+    if modality == "text":
+      return TextTokenizer(cfg.vocab_size, cfg.encoder.d_model, max(cfg.max_positions, 256),
+                           self.dtype, self.param_dtype, name="tokenizer_text")(x)
+    if modality in ("image", "video") and task.image_size:
+      size = task.image_size
+      x = jax.image.resize(x.astype(jnp.float32), x.shape[:-3] + (size, size, x.shape[-1]),
+                           "bilinear")
+    patch = {"image": cfg.patch_image, "video": cfg.patch_video, "audio": cfg.patch_audio}
+    if modality not in patch:
+      raise ValueError(f"IMPModel has no tokenizer for modality {modality!r}; "
+                       f"allowed: image, video, audio, text")
+    tok = PatchTokenizer(patch[modality], cfg.encoder.d_model, cfg.max_positions, self.dtype,
+                         self.param_dtype, name=f"tokenizer_{modality}")
+    return tok(x), None
+
+  def encode(self, encoder: nn.Module, modality: str, x: jax.Array, task: Task,
+             deterministic: bool) -> jax.Array:
+    """Tokenize -> (DropToken) -> shared encoder -> pool -> output projection: [B, D]."""
+    tokens, mask = self._tokenize(modality, x, task)
+    rate = task.drop_rate(modality)
+    if rate > 0 and not deterministic:
+      tokens, mask = drop_tokens(self.make_rng("droptoken"), tokens, mask, rate)
+    h = encoder(tokens, mask_BS=mask, deterministic=deterministic)
+    return self._dense(self.config.encoder.d_model, f"output_{modality}")(_masked_mean(h, mask))
+
+  def _pair_embedding(self, pair: tuple[str, str], side: str, feature_BD: jax.Array):
+    name = f"contrast_{pair[0]}_{pair[1]}"
+    return _normalize(self._dense(self.config.embed_dim, f"{name}_{side}")(feature_BD))
+
+  def _logit_scale(self, pair: tuple[str, str]) -> jax.Array:
+    init = nn.initializers.constant(np.log(1.0 / self.config.init_temperature))
+    log_scale = self.param(f"contrast_{pair[0]}_{pair[1]}_log_scale", init, (), jnp.float32)
+    return jnp.exp(jnp.minimum(log_scale, np.log(100.0)))  # CLIP's clip at 100
+
+  @nn.compact
+  def __call__(self, batch: dict[str, jax.Array], *, task: Task, deterministic: bool = True,
+               zero_shot: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    encoder = TransformerStack(self.config.encoder, self.dtype, self.param_dtype, name="encoder")
+    encode = lambda m, x: self.encode(encoder, m, x, task, deterministic)
+    for m in task.modalities:
+      if m not in batch:
+        raise ValueError(f"task {task.name!r} reads {m!r} but the batch has {sorted(batch)}")
+    if task.kind == "classify":
+      m = task.modalities[0]
+      logits = self._dense(task.num_classes, f"classifier_{task.head_name}")(
+          encode(m, batch[m])).astype(jnp.float32)
+      loss = losses.softmax_cross_entropy(logits, batch["label"])
+      return loss, {"loss": loss, "accuracy": _accuracy(logits, batch["label"])}
+    if task.kind != "contrastive":
+      raise ValueError(f"IMPModel does not train task kind {task.kind!r}")
+    a, b = pair = task.modalities
+    z_a = self._pair_embedding(pair, a, encode(a, batch[a]))
+    if zero_shot:
+      return self._zero_shot(pair, z_a, batch, encode, task)
+    z_b = self._pair_embedding(pair, b, encode(b, batch[b]))
+    scale = self._logit_scale(pair)
+    logits = scale * z_a @ z_b.T
+    labels = jnp.arange(logits.shape[0])
+    loss = 0.5 * (losses.softmax_cross_entropy(logits, labels) +
+                  losses.softmax_cross_entropy(logits.T, labels))
+    return loss, {"loss": loss, f"{a}_to_{b}_accuracy": _accuracy(logits, labels),
+                  f"{b}_to_{a}_accuracy": _accuracy(logits.T, labels), "temperature": 1.0 / scale}
+
+  def _zero_shot(self, pair, z_a, batch, encode, task):
+    """Classify modality a by similarity to the text prompts of every class."""
+    if pair[1] != "text" or not task.class_names:
+      raise ValueError(f"zero-shot eval of task {task.name!r} needs modalities (x, 'text') and "
+                       "class_names")
+    length = batch["text"].shape[1]
+    tok = ByteTokenizer()
+    prompts = np.stack([tok.encode(task.prompt_template.format(c), length)
+                        for c in task.class_names])
+    z_text = self._pair_embedding(pair, "text", encode("text", jnp.asarray(prompts)))
+    logits = z_a @ z_text.T
+    return jnp.zeros(()), {"zero_shot_accuracy": _accuracy(logits, batch["label"])}

@@ -1,0 +1,57 @@
+"""Decoder-only (MoE) language model over bytes.
+
+Axis letters: B batch, S sequence, D model dim, V vocabulary.
+`DecoderLM(batch, task=..., deterministic=...) -> (loss, metrics)` where
+batch["tokens"] is int32 [B, S + 1]: inputs tokens[:, :-1], targets tokens[:, 1:].
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax import losses
+from moe_jax.agd import Task
+from moe_jax.config import TransformerConfig
+from moe_jax.data.text import ByteTokenizer
+from moe_jax.transformer import TransformerStack
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  decoder: TransformerConfig
+  vocab_size: int = ByteTokenizer.vocab_size
+
+
+class DecoderLM(nn.Module):
+  config: LMConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, batch: dict[str, jax.Array], *, task: Task, deterministic: bool = True,
+               zero_shot: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    del zero_shot
+    cfg = self.config
+    if not cfg.decoder.causal:
+      raise ValueError("DecoderLM needs a causal decoder: set model.causal=True")
+    if task.kind != "lm" or "tokens" not in batch:
+      raise ValueError(f"DecoderLM trains kind='lm' tasks on batch['tokens']; got task "
+                       f"{task.name!r} of kind {task.kind!r} with keys {sorted(batch)}")
+    tokens = batch["tokens"]
+    inputs_BS, targets_BS = tokens[:, :-1], tokens[:, 1:]
+    x_BSD = nn.Embed(cfg.vocab_size, cfg.decoder.d_model, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="embedding")(inputs_BS)
+    h_BSD = TransformerStack(cfg.decoder, self.dtype, self.param_dtype, name="decoder")(
+        x_BSD, deterministic=deterministic)
+    logits_BSV = nn.Dense(cfg.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="lm_head")(h_BSD)
+    weights = (targets_BS != 0).astype(jnp.float32)  # 0 is padding
+    loss = losses.softmax_cross_entropy(logits_BSV, targets_BS, weights)
+    correct = (jnp.argmax(logits_BSV, -1) == targets_BS).astype(jnp.float32)
+    accuracy = jnp.sum(correct * weights) / jnp.maximum(weights.sum(), 1.0)
+    return loss, {"loss": loss, "accuracy": accuracy, "bits_per_byte": loss / np.log(2.0)}
