@@ -7,6 +7,8 @@ the timed calls of a row add up to --max_row_s). Variants:
   dense_equiv  one dense SwiGLU FFN over T*K tokens (same active FLOPs, no routing)
   einsum       top-k router (float32) + moe_jax einsum dispatch, groups 1024, cf 1.25
   sorted       top-k router + moe_jax sorted dispatch (dropless, jax.lax.ragged_dot)
+  pallas       top-k router + moe_jax pallas dispatch (dropless, kernels_pallas grouped
+               matmul over a tile-padded layout; interpret mode on CPU, so slow there)
   tokamax      as sorted, with tokamax.ragged_dot for the grouped matmuls (only
                when `import tokamax` works)
 Modes: fwd (the forward) and fwd_bwd (value_and_grad of sum(y**2) w.r.t. x, the
@@ -47,7 +49,7 @@ except Exception as e:  # pylint: disable=broad-except
   tokamax, TOKAMAX_ERROR = None, f"{type(e).__name__}: {e}"
 
 MODES = ("fwd", "fwd_bwd")
-VARIANTS = ("dense_equiv", "einsum", "sorted", "tokamax")
+VARIANTS = ("dense_equiv", "einsum", "sorted", "pallas", "tokamax")
 EINSUM_GROUP_SIZE = 1024
 EINSUM_CAPACITY_FACTOR = 1.25
 
@@ -144,6 +146,11 @@ def moe_sorted(s: Shape, x_TD, w_DE, experts) -> jax.Array:
   return y_TD
 
 
+def moe_pallas(s: Shape, x_TD, w_DE, experts) -> jax.Array:
+  y_TD, _ = get_dispatcher("pallas")(x_TD, route_top_k(x_TD, w_DE, s.K), experts)
+  return y_TD
+
+
 @flax.struct.dataclass
 class TokamaxExpertWeights(ExpertWeights):
   """ExpertWeights whose ragged (sorted-dispatch) path uses tokamax.ragged_dot."""
@@ -171,6 +178,7 @@ VARIANT_FNS = {
     "dense_equiv": Variant(dense_inputs, dense_equiv),
     "einsum": Variant(moe_inputs, moe_einsum),
     "sorted": Variant(moe_inputs, moe_sorted),
+    "pallas": Variant(moe_inputs, moe_pallas),
     "tokamax": Variant(moe_inputs, moe_tokamax),
 }
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One command for the accelerator: kernel correctness, gmm tile sweep, layer benchmark.
+#   bash kernels_pallas/run_gpu_checks.sh [OUT_DIR]
+# Needs only jax (CUDA), flax, absl, numpy on the machine; writes logs and JSON to OUT_DIR.
+set -uo pipefail
+out=${1:-${OUT:-bench_out}}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$out/gpu.txt"
+python3 -m kernels_pallas.check_gpu 2>&1 | tee "$out/check_gpu.log"
+python3 -m kernels_pallas.bench_gmm --shapes=gpu --sweep 2>&1 | tee "$out/bench_gmm.log"
+python3 -m experiments.bench --suite=layer --shapes=gpu --variants=dense_equiv,einsum,sorted,pallas \
+  --json="$out/layer_gpu.json" 2>&1 | grep -v "^I1" | tee "$out/bench_layer.log"
