@@ -9,6 +9,8 @@ the timed calls of a row add up to --max_row_s). Variants:
   sorted       top-k router + moe_jax sorted dispatch (dropless, jax.lax.ragged_dot)
   pallas       top-k router + moe_jax pallas dispatch (dropless, kernels_pallas grouped
                matmul over a tile-padded layout; interpret mode on CPU, so slow there)
+  tiled        top-k router + moe_jax tiled dispatch (dropless, same layout, per-tile
+               gathered weights + one XLA batched matmul)
   tokamax      as sorted, with tokamax.ragged_dot for the grouped matmuls (only
                when `import tokamax` works)
 Modes: fwd (the forward) and fwd_bwd (value_and_grad of sum(y**2) w.r.t. x, the
@@ -49,11 +51,11 @@ except Exception as e:  # pylint: disable=broad-except
   tokamax, TOKAMAX_ERROR = None, f"{type(e).__name__}: {e}"
 
 MODES = ("fwd", "fwd_bwd")
-VARIANTS = ("dense_equiv", "einsum", "sorted", "pallas", "tokamax")
+VARIANTS = ("dense_equiv", "einsum", "sorted", "tiled", "pallas", "tokamax")
 EINSUM_GROUP_SIZE = 1024
 EINSUM_CAPACITY_FACTOR = 1.25
 
-_SUITE = flags.DEFINE_string("suite", "layer", "Benchmark suite, a key of SUITES (now: layer).")
+_SUITE = flags.DEFINE_string("suite", "layer", "Benchmark suite: layer or scaling.")
 _SHAPES = flags.DEFINE_enum("shapes", "cpu", ["cpu", "gpu"], "Shape set.")
 _JSON = flags.DEFINE_string("json", None, "Write {meta, rows} to this path.")
 _MODES = flags.DEFINE_list("modes", list(MODES), f"Subset of {MODES}.")
@@ -146,8 +148,8 @@ def moe_sorted(s: Shape, x_TD, w_DE, experts) -> jax.Array:
   return y_TD
 
 
-def moe_pallas(s: Shape, x_TD, w_DE, experts) -> jax.Array:
-  y_TD, _ = get_dispatcher("pallas")(x_TD, route_top_k(x_TD, w_DE, s.K), experts)
+def moe_dispatch(name: str, s: Shape, x_TD, w_DE, experts) -> jax.Array:
+  y_TD, _ = get_dispatcher(name)(x_TD, route_top_k(x_TD, w_DE, s.K), experts)
   return y_TD
 
 
@@ -178,7 +180,8 @@ VARIANT_FNS = {
     "dense_equiv": Variant(dense_inputs, dense_equiv),
     "einsum": Variant(moe_inputs, moe_einsum),
     "sorted": Variant(moe_inputs, moe_sorted),
-    "pallas": Variant(moe_inputs, moe_pallas),
+    "pallas": Variant(moe_inputs, functools.partial(moe_dispatch, "pallas")),
+    "tiled": Variant(moe_inputs, functools.partial(moe_dispatch, "tiled")),
     "tokamax": Variant(moe_inputs, moe_tokamax),
 }
 
@@ -252,13 +255,35 @@ def add_ratios(rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------- suites
 
 
-def run_layer_suite(opts: Options) -> list[dict]:
+def scaling_shapes(kind: str) -> list[Shape]:
+  """E from 8 to 256 at fixed T, D, F, K: the same active FLOPs at every E."""
+  T, D, F, K = (16384, 2048, 1024, 8) if kind == "gpu" else (1024, 256, 128, 8)
+  return [Shape(f"E{E}", T, D, F, E, K) for E in (8, 16, 32, 64, 128, 256)]
+
+
+def run_scaling_suite(opts: Options) -> list[dict]:
+  """Time per token as E grows at fixed K and active FLOPs (target: flat within 15%)."""
+  rows = run_layer_suite(opts, scaling_shapes(opts.shapes))
+  for r in rows:
+    shape = next(s for s in scaling_shapes(opts.shapes) if s.name == r["shape"])
+    r["us_per_token"] = None if r["ms"] is None else 1e3 * r["ms"] / shape.T
+  print("\ntime per token (us) by E; spread = max / min over E")
+  for variant in dict.fromkeys(r["variant"] for r in rows):
+    for mode in opts.modes:
+      us = [r["us_per_token"] for r in rows if r["variant"] == variant and r["mode"] == mode]
+      ok = [u for u in us if u]
+      spread = f"{max(ok) / min(ok):.2f}x" if len(ok) > 1 else "-"
+      print(f"  {variant:<12} {mode:<8} " + " ".join(fmt(u, 8, 2) for u in us) + f"  spread {spread}")
+  return rows
+
+
+def run_layer_suite(opts: Options, shapes: list[Shape] | None = None) -> list[dict]:
   """Every shape x variant x mode of one MoE FFN layer; errors become rows."""
   variants = [v for v in opts.variants if v != "tokamax" or tokamax is not None]
   if "tokamax" in opts.variants and tokamax is None:
     print(f"tokamax variant skipped: import tokamax failed ({TOKAMAX_ERROR})", flush=True)
   rows = []
-  for s in SHAPES[opts.shapes]:
+  for s in shapes or SHAPES[opts.shapes]:
     for variant in variants:
       try:
         inputs = jax.block_until_ready(VARIANT_FNS[variant].make_inputs(s, jax.random.key(0)))
@@ -273,7 +298,8 @@ def run_layer_suite(opts: Options) -> list[dict]:
   return rows
 
 
-SUITES: dict[str, Callable[[Options], list[dict]]] = {"layer": run_layer_suite}
+SUITES: dict[str, Callable[[Options], list[dict]]] = {"layer": run_layer_suite,
+                                                     "scaling": run_scaling_suite}
 
 
 # ----------------------------------------------------------------------------- report
@@ -333,7 +359,7 @@ def main(argv):
   meta = meta_info(opts, _SUITE.value)
   print(f"jax {meta['jax']} (jaxlib {meta['jaxlib']}), backend {meta['backend']}, "
         f"{meta['device_count']} x {meta['device_kind']}, iters {opts.iters}")
-  for s in SHAPES[opts.shapes]:
+  for s in (scaling_shapes(opts.shapes) if _SUITE.value == "scaling" else SHAPES[opts.shapes]):
     print(f"shape {s.name}: T={s.T} D={s.D} F={s.F} E={s.E} K={s.K}, "
           f"active GFLOP fwd={s.active_flops('fwd') / 1e9:.2f}")
   t0 = time.perf_counter()

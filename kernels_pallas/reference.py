@@ -1,6 +1,7 @@
 """Plain-JAX references for the kernels (loops over experts; no Pallas)."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -24,3 +25,22 @@ def tgmm_reference(lhs_RK, grad_RN, tile_expert_I, num_experts: int, block_m: in
   return jnp.stack([
       jnp.dot(jnp.where((row_expert_R == e)[:, None], lhs_RK, 0).T, grad_RN,
               preferred_element_type=jnp.float32) for e in range(num_experts)]).astype(lhs_RK.dtype)
+
+
+def top_k_router_reference(x_TD, w_DE, k: int, renormalize: bool = True):
+  """softmax(x @ W) -> top-k (ties: lowest index) -> weights; positions by a plain loop."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  probs = jax.nn.softmax(x_TD.astype(jnp.float32) @ w_DE.astype(jnp.float32), axis=-1)
+  weight, index = jax.lax.top_k(probs, k)
+  if renormalize:
+    weight = weight / weight.sum(-1, keepdims=True)
+  idx = np.asarray(index)
+  seen: dict[int, int] = {}
+  position = np.zeros_like(idx)
+  for t in range(idx.shape[0]):
+    for j in range(k):
+      e = int(idx[t, j])
+      position[t, j] = seen.get(e, 0)
+      seen[e] = seen.get(e, 0) + 1
+  counts = np.bincount(idx.reshape(-1), minlength=w_DE.shape[1])
+  return index, weight, position, counts

@@ -12,7 +12,7 @@ import dataclasses
 from moe_jax import validation as V
 
 ROUTERS = ("top_k", "expert_choice")
-DISPATCHERS = ("einsum", "sorted", "dense", "pallas")
+DISPATCHERS = ("einsum", "sorted", "dense", "pallas", "tiled", "auto")
 ACTIVATIONS = ("swiglu", "gelu")
 
 
@@ -26,8 +26,10 @@ class MoEConfig:
     expert_hidden_dim: F, hidden width of each expert.
     router: "top_k" (token choice) or "expert_choice".
     dispatch: "einsum" (one-hot, capacity, groups), "sorted" (dropless,
-      ragged_dot), "pallas" (dropless, kernels_pallas grouped matmul) or "dense"
-      (every expert on every token; a reference).
+      ragged_dot), "pallas" (dropless, kernels_pallas grouped matmul), "tiled"
+      (dropless, per-tile gathered weights in XLA: fastest dropless on CPU),
+      "dense" (every expert on every token; a reference) or "auto" (the fastest
+      dropless one on this platform).
     activation: "swiglu" or "gelu".
     renormalize: token choice: rescale the k weights to sum to 1.
     batch_priority: token choice: fill capacity in order of each token's top

@@ -13,6 +13,9 @@ Each dispatcher is a pure function
   - "dense": every expert on every token, weighted; a reference, O(E) compute.
   - "pallas": dropless, kernels_pallas grouped matmul over a tile-padded layout
     (Pallas kernels on GPU/TPU, interpret mode on CPU).
+  - "tiled": dropless, the same layout with per-tile gathered weights and one XLA
+    batched matmul (no kernels; the fast dropless path on CPU).
+  - "auto": the fastest dropless one for the platform (AUTO_DISPATCH).
 With no slot over capacity, all give the numbers of a plain loop over experts.
 """
 from __future__ import annotations
@@ -153,45 +156,76 @@ def dense_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWe
   return jnp.einsum("TE,ETD->TD", gates_TE, y_ETD), {"dropped_fraction": jnp.zeros((), jnp.float32)}
 
 
-def pallas_block_m(num_slots: int, num_experts: int) -> int:
-  """Row tile: 128 on accelerators; on CPU (interpret mode) about the mean group size."""
-  if jax.default_backend() != "cpu":
+def tile_block_m(num_slots: int, num_experts: int, accelerator: bool) -> int:
+  """Row tile: 128 on accelerators; on CPU about the mean group size (less padding)."""
+  if accelerator:
     return 128
   mean = max(1, num_slots // max(num_experts, 1))
   return min(128, max(8, 1 << (mean - 1).bit_length()))
 
 
-def pallas_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,
-                    capacity: CapacityOptions | None = None,
-                    block_m: int | None = None) -> tuple[jax.Array, Metrics]:
-  """Dropless with the kernels_pallas grouped matmul over a tile-padded expert layout.
+def _tile_padded_ffn(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,
+                     matmul, block_m: int) -> tuple[jax.Array, Metrics]:
+  """Dropless FFN over a tile-padded expert layout with a given grouped `matmul`.
 
   Slots are sorted by expert and each expert's rows padded to a multiple of the row
-  tile, so every tile of the grouped matmul is one dense matmul against one expert.
-  SwiGLU runs gate and up as one matmul against [w_gate | w_up].
+  tile, so every tile is one dense matmul against one expert. SwiGLU runs gate and up
+  as one matmul against [w_gate | w_up].
   """
-  del capacity  # dropless
-  from kernels_pallas import gmm as gmm_lib  # pylint: disable=import-outside-toplevel
   from kernels_pallas import tiling  # pylint: disable=import-outside-toplevel
   _check_inputs(x_TD, decision, experts)
   T, D = x_TD.shape
   K, E = decision.expert_index_TK.shape[1], experts.num_experts
   layout = tiling.make_tile_layout(decision.expert_index_TK.reshape(-1),
-                                   decision.valid_TK().reshape(-1), E,
-                                   block_m or pallas_block_m(T * K, E))
+                                   decision.valid_TK().reshape(-1), E, block_m)
   x_RD = tiling.permute(x_TD, layout, K)
   if experts.w_gate_EDF is not None:
     F = experts.w_up_EDF.shape[2]
-    gate_up = gmm_lib.grouped_matmul(
-        x_RD, jnp.concatenate([experts.w_gate_EDF, experts.w_up_EDF], axis=2), layout)
+    gate_up = matmul(x_RD, jnp.concatenate([experts.w_gate_EDF, experts.w_up_EDF], axis=2), layout)
     h_RF = jax.nn.silu(gate_up[:, :F]) * gate_up[:, F:]
   else:
-    h_RF = jax.nn.gelu(gmm_lib.grouped_matmul(x_RD, experts.w_up_EDF, layout))
-  y_RD = gmm_lib.grouped_matmul(h_RF.astype(experts.w_down_EFD.dtype), experts.w_down_EFD, layout)
+    h_RF = jax.nn.gelu(matmul(x_RD, experts.w_up_EDF, layout))
+  y_RD = matmul(h_RF.astype(experts.w_down_EFD.dtype), experts.w_down_EFD, layout)
   y_TKD = tiling.unpermute(y_RD, layout).reshape(T, K, D)
   weight_TK = jnp.where(decision.valid_TK(), decision.weight_TK, 0.0).astype(x_TD.dtype)
-  return jnp.einsum("TKD,TK->TD", y_TKD, weight_TK), {"dropped_fraction": jnp.zeros((),
-                                                                                      jnp.float32)}
+  y_TD = jnp.einsum("TKD,TK->TD", y_TKD, weight_TK)
+  return y_TD, {"dropped_fraction": jnp.zeros((), jnp.float32)}
+
+
+def pallas_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,
+                    capacity: CapacityOptions | None = None,
+                    block_m: int | None = None) -> tuple[jax.Array, Metrics]:
+  """Dropless with the kernels_pallas grouped matmul (interpret mode on CPU: slow there)."""
+  del capacity  # dropless
+  from kernels_pallas import gmm  # pylint: disable=import-outside-toplevel
+  block_m = block_m or tile_block_m(decision.expert_index_TK.size, experts.num_experts,
+                                    jax.default_backend() != "cpu")
+  return _tile_padded_ffn(x_TD, decision, experts, gmm.grouped_matmul, block_m)
+
+
+def tiled_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,
+                   capacity: CapacityOptions | None = None,
+                   block_m: int | None = None) -> tuple[jax.Array, Metrics]:
+  """Dropless in plain XLA: the same tile-padded layout, per-tile gathered weights, one
+  batched matmul. The fastest dropless path on CPU (no Pallas, no ragged_dot)."""
+  del capacity  # dropless
+  from kernels_pallas import tile_gather  # pylint: disable=import-outside-toplevel
+  block_m = block_m or tile_block_m(decision.expert_index_TK.size, experts.num_experts, False)
+  return _tile_padded_ffn(x_TD, decision, experts, tile_gather.tile_gather_matmul, block_m)
+
+
+# Dropless path `auto` takes per platform. cpu: measured (README table: tiled is the
+# fastest dropless path there). gpu: tiled until the Pallas kernels are measured; the
+# same tile-gather algorithm beat XLA's ragged_dot at every H200 shape of
+# PERFORMANCE.md. tpu: not measured; ragged_dot lowers to a native grouped matmul.
+AUTO_DISPATCH = {"cpu": "tiled", "gpu": "tiled", "tpu": "sorted"}
+
+
+def auto_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,
+                  capacity: CapacityOptions | None = None) -> tuple[jax.Array, Metrics]:
+  """The fastest dropless dispatcher for this platform (AUTO_DISPATCH)."""
+  return _REGISTRY[AUTO_DISPATCH.get(jax.default_backend(), "sorted")](x_TD, decision, experts,
+                                                                       capacity)
 
 
 Dispatcher = Callable[..., tuple[jax.Array, Metrics]]
@@ -200,6 +234,8 @@ _REGISTRY: dict[str, Dispatcher] = {
     "sorted": sorted_dispatch,
     "dense": dense_dispatch,
     "pallas": pallas_dispatch,
+    "tiled": tiled_dispatch,
+    "auto": auto_dispatch,
 }
 assert tuple(_REGISTRY) == DISPATCHERS
 

@@ -11,7 +11,7 @@ from moe_jax import (CapacityOptions, ExpertWeights, RoutingDecision, assign_cap
 from tests import reference
 
 T, D, F, E, K = 24, 8, 16, 4, 2
-DISPATCHERS = ("einsum", "sorted", "dense", "pallas")
+DISPATCHERS = ("einsum", "sorted", "dense", "pallas", "tiled", "auto")
 ROOMY = CapacityOptions(capacity_factor=float(E), group_size=None)  # nothing dropped
 
 

@@ -110,3 +110,35 @@ def test_gmm_compiled_on_gpu_matches_reference():
   np.testing.assert_allclose(np.asarray(out, np.float32),
                              np.asarray(gmm_reference(lhs, rhs, L.tile_expert_I, bm), np.float32),
                              rtol=2e-2, atol=5e-1)
+
+
+def test_tile_gather_matmul_matches_reference_with_gradients():
+  from kernels_pallas.tile_gather import tile_gather_matmul
+  E, bm = 4, 8
+  L = _layout(np.array([3, 3, 0, 3, 1, 3, 3, 3, 0, 3]), np.array([1] * 9 + [0], bool), E, bm)
+  k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+  lhs = jax.random.normal(k1, (L.num_rows, 8))
+  rhs = jax.random.normal(k2, (E, 8, 12))
+  cot = jax.random.normal(k3, (L.num_rows, 12))
+  np.testing.assert_allclose(tile_gather_matmul(lhs, rhs, L),
+                             gmm_reference(lhs, rhs, L.tile_expert_I, bm), rtol=1e-5, atol=1e-5)
+  ours = jax.grad(lambda a, b: jnp.sum(tile_gather_matmul(a, b, L) * cot), (0, 1))(lhs, rhs)
+  ref = jax.grad(lambda a, b: jnp.sum(gmm_reference(a, b, L.tile_expert_I, bm) * cot),
+                 (0, 1))(lhs, rhs)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T, E, k, block_t", [(24, 6, 2, 8), (32, 4, 4, 16), (16, 8, 1, 16)])
+def test_fused_router_matches_reference(T, E, k, block_t):
+  from kernels_pallas.reference import top_k_router_reference
+  from kernels_pallas.router import fused_top_k_router
+  x = jax.random.normal(jax.random.key(T), (T, 16), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(E), (16, E)) * 0.5
+  index, weight, position, counts = fused_top_k_router(x, w, k=k, block_t=block_t,
+                                                       interpret=INTERPRET)
+  r_index, r_weight, r_position, r_counts = top_k_router_reference(x, w, k)
+  np.testing.assert_array_equal(index, r_index)
+  np.testing.assert_allclose(weight, r_weight, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(position, r_position)
+  np.testing.assert_array_equal(counts, r_counts)

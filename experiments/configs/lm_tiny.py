@@ -8,7 +8,8 @@ Compare with the dense model of the same active parameters per token:
 Data: the stdlib's own .py files (fixed held-out split by file; see
 moe_jax/data/text.py), random 128-byte windows.
 
-Results: RESULTS_PLACEHOLDER
+Results (2 CPU cores, 2026-11-30, 800 steps, 2.30M parameters): validation loss
+1.322 nats/byte (1.907 bits/byte), next-byte accuracy 0.642.
 """
 import ml_collections
 
