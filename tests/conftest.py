@@ -1,7 +1,7 @@
 """Suite-wide JAX settings: strict rank promotion, fast compiles on 2 CPU cores."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
 
