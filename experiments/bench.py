@@ -19,6 +19,8 @@ router weight and every expert weight). ratio_to_dense = dense_equiv ms / varian
 Commands (from the repository root):
   python -m experiments.bench --suite=layer --shapes=cpu --json=bench_out/layer_cpu.json
   python -m experiments.bench --suite=layer --shapes=gpu --json=bench_out/layer_gpu.json
+  python -m experiments.bench --suite=scaling --shapes=cpu
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.bench --suite=ep
   python -m experiments.bench --suite=layer --shapes=gpu --modes=fwd_bwd \
       --variants=dense_equiv,sorted --iters=5
 """
@@ -41,8 +43,10 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.dispatch import CapacityOptions, get_dispatcher
+from moe_jax.expert_parallel import expert_parallel_ffn
 from moe_jax.experts import ExpertWeights
-from moe_jax.routing import RoutingDecision, TopKRouter
+from moe_jax.routing import RoutingDecision, TopKRouter, token_choice_capacity
+from moe_jax.sharding import make_mesh
 
 try:  # Optional grouped-matmul kernels; absent on CPU and on many GPU machines.
   import tokamax
@@ -51,11 +55,11 @@ except Exception as e:  # pylint: disable=broad-except
   tokamax, TOKAMAX_ERROR = None, f"{type(e).__name__}: {e}"
 
 MODES = ("fwd", "fwd_bwd")
-VARIANTS = ("dense_equiv", "einsum", "sorted", "tiled", "pallas", "tokamax")
+VARIANTS = ("dense_equiv", "einsum", "sorted", "tiled", "pallas", "ep", "tokamax")
 EINSUM_GROUP_SIZE = 1024
 EINSUM_CAPACITY_FACTOR = 1.25
 
-_SUITE = flags.DEFINE_string("suite", "layer", "Benchmark suite: layer or scaling.")
+_SUITE = flags.DEFINE_string("suite", "layer", "Benchmark suite: layer, scaling or ep.")
 _SHAPES = flags.DEFINE_enum("shapes", "cpu", ["cpu", "gpu"], "Shape set.")
 _JSON = flags.DEFINE_string("json", None, "Write {meta, rows} to this path.")
 _MODES = flags.DEFINE_list("modes", list(MODES), f"Subset of {MODES}.")
@@ -153,6 +157,20 @@ def moe_dispatch(name: str, s: Shape, x_TD, w_DE, experts) -> jax.Array:
   return y_TD
 
 
+def ep_mesh(num_experts: int):
+  """All devices: the expert axis takes the largest device-count divisor of E, data the rest."""
+  n = jax.device_count()
+  expert = max(d for d in range(1, n + 1) if n % d == 0 and num_experts % d == 0)
+  return make_mesh({"data": n // expert, "expert": expert})
+
+
+def moe_ep(s: Shape, x_TD, w_DE, experts) -> jax.Array:
+  """Expert parallel (shard_map + all_to_all), capacity factor 1.25, groups = device shards."""
+  y_TD, _ = expert_parallel_ffn(x_TD, route_top_k(x_TD, w_DE, s.K), experts, ep_mesh(s.E),
+                                capacity_factor=EINSUM_CAPACITY_FACTOR)
+  return y_TD
+
+
 @flax.struct.dataclass
 class TokamaxExpertWeights(ExpertWeights):
   """ExpertWeights whose ragged (sorted-dispatch) path uses tokamax.ragged_dot."""
@@ -182,6 +200,7 @@ VARIANT_FNS = {
     "sorted": Variant(moe_inputs, moe_sorted),
     "pallas": Variant(moe_inputs, functools.partial(moe_dispatch, "pallas")),
     "tiled": Variant(moe_inputs, functools.partial(moe_dispatch, "tiled")),
+    "ep": Variant(moe_inputs, moe_ep),
     "tokamax": Variant(moe_inputs, moe_tokamax),
 }
 
@@ -298,8 +317,36 @@ def run_layer_suite(opts: Options, shapes: list[Shape] | None = None) -> list[di
   return rows
 
 
+def ep_shapes(kind: str) -> list[Shape]:
+  return [Shape("ep_gpu", 16384, 2048, 1024, 64, 8)] if kind == "gpu" else [
+      Shape("ep_cpu", 2048, 256, 256, 8, 2)]
+
+
+def run_ep_suite(opts: Options) -> list[dict]:
+  """Expert-parallel layer vs the single-device einsum layer, with all_to_all bytes.
+
+  On one host simulate devices: XLA_FLAGS=--xla_force_host_platform_device_count=8.
+  """
+  opts = dataclasses.replace(opts, variants=["einsum", "ep"])
+  rows = run_layer_suite(opts, ep_shapes(opts.shapes))
+  for s in ep_shapes(opts.shapes):
+    mesh = ep_mesh(s.E)
+    n, N = jax.device_count(), mesh.shape["expert"]
+    C = token_choice_capacity(s.T // n, s.K, s.E, EINSUM_CAPACITY_FACTOR)
+    # Each device sends the (N-1)/N of its [E, C, D] bf16 buffer held by other devices,
+    # once forward and once back; the backward pass repeats both.
+    per_pass = n * s.E * C * s.D * 2 * (N - 1) / N
+    print(f"{s.name}: mesh {dict(mesh.shape)}, C={C} per expert and device; all_to_all bytes "
+          f"per layer: fwd {2 * per_pass / 1e6:.1f} MB, fwd+bwd {4 * per_pass / 1e6:.1f} MB")
+    for r in rows:
+      if r["shape"] == s.name and r["variant"] == "ep":
+        r["all_to_all_mb"] = (2 if r["mode"] == "fwd" else 4) * per_pass / 1e6
+  return rows
+
+
 SUITES: dict[str, Callable[[Options], list[dict]]] = {"layer": run_layer_suite,
-                                                     "scaling": run_scaling_suite}
+                                                     "scaling": run_scaling_suite,
+                                                     "ep": run_ep_suite}
 
 
 # ----------------------------------------------------------------------------- report
@@ -359,7 +406,8 @@ def main(argv):
   meta = meta_info(opts, _SUITE.value)
   print(f"jax {meta['jax']} (jaxlib {meta['jaxlib']}), backend {meta['backend']}, "
         f"{meta['device_count']} x {meta['device_kind']}, iters {opts.iters}")
-  for s in (scaling_shapes(opts.shapes) if _SUITE.value == "scaling" else SHAPES[opts.shapes]):
+  shapes = {"scaling": scaling_shapes, "ep": ep_shapes}.get(_SUITE.value, SHAPES.get)(opts.shapes)
+  for s in shapes:
     print(f"shape {s.name}: T={s.T} D={s.D} F={s.F} E={s.E} K={s.K}, "
           f"active GFLOP fwd={s.active_flops('fwd') / 1e9:.2f}")
   t0 = time.perf_counter()
