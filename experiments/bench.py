@@ -147,10 +147,6 @@ def moe_einsum(s: Shape, x_TD, w_DE, experts) -> jax.Array:
   return y_TD
 
 
-def moe_sorted(s: Shape, x_TD, w_DE, experts) -> jax.Array:
-  y_TD, _ = get_dispatcher("sorted")(x_TD, route_top_k(x_TD, w_DE, s.K), experts)
-  return y_TD
-
 
 def moe_dispatch(name: str, s: Shape, x_TD, w_DE, experts) -> jax.Array:
   y_TD, _ = get_dispatcher(name)(x_TD, route_top_k(x_TD, w_DE, s.K), experts)
@@ -185,7 +181,7 @@ class TokamaxExpertWeights(ExpertWeights):
 def moe_tokamax(s: Shape, x_TD, w_DE, experts) -> jax.Array:
   experts = TokamaxExpertWeights(**{f.name: getattr(experts, f.name)
                                     for f in dataclasses.fields(experts)})
-  return moe_sorted(s, x_TD, w_DE, experts)
+  return moe_dispatch("sorted", s, x_TD, w_DE, experts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +193,7 @@ class Variant:
 VARIANT_FNS = {
     "dense_equiv": Variant(dense_inputs, dense_equiv),
     "einsum": Variant(moe_inputs, moe_einsum),
-    "sorted": Variant(moe_inputs, moe_sorted),
+    "sorted": Variant(moe_inputs, functools.partial(moe_dispatch, "sorted")),
     "pallas": Variant(moe_inputs, functools.partial(moe_dispatch, "pallas")),
     "tiled": Variant(moe_inputs, functools.partial(moe_dispatch, "tiled")),
     "ep": Variant(moe_inputs, moe_ep),
