@@ -2,7 +2,8 @@
 
   python -m kernels_pallas.check_gpu
 
-Checks gmm, transposed gmm and tgmm against kernels_pallas.reference, and the
+Checks gmm, transposed gmm, tgmm, the fused SwiGLU gmm, the permute / combine gathers
+and the fused router against kernels_pallas.reference or plain XLA, and the
 `pallas` dispatcher against the `sorted` one (outputs and gradients), in bf16 at
 mid-sized shapes with empty experts and ragged group sizes. Exits 1 on a mismatch.
 """
@@ -32,6 +33,13 @@ def close(name, got, want, rtol=2e-2, atol=2e-2):
     failures.append(name)
 
 
+def equal(name, got, want):
+  ok = np.array_equal(np.asarray(got), np.asarray(want))
+  print(f"{'ok  ' if ok else 'FAIL'} {name}: {'identical' if ok else 'differs'}", flush=True)
+  if not ok:
+    failures.append(name)
+
+
 def check_kernels(E=8, X=3000, D=256, N=384, bm=128):
   rng = np.random.default_rng(0)
   expert = rng.integers(0, E - 2, X)  # the last two experts stay empty
@@ -50,6 +58,31 @@ def check_kernels(E=8, X=3000, D=256, N=384, bm=128):
                        block_m=bm, **{**gmm_lib.TILES, "block_k": 128}, interpret=INTERPRET)
   close("tgmm", d_rhs, tgmm_reference(lhs, grad, t, E, bm), atol=0.5)
   close("tgmm empty experts are zero", d_rhs[E - 2:], np.zeros_like(d_rhs[E - 2:]))
+
+
+def check_other_kernels(T=2048, E=16, K=4, D=512, F=256, bm=128):
+  from kernels_pallas import permute, router, swiglu, tiling  # pylint: disable=import-outside-toplevel
+  k = jax.random.split(jax.random.key(2), 5)
+  logits = jax.random.normal(k[0], (T, E)) * 2
+  index, weight, position, counts = router.fused_top_k_router(logits, k=K, interpret=INTERPRET)
+  r_weight, r_index = jax.lax.top_k(jax.nn.softmax(logits), K)
+  equal("router index", index, r_index)
+  close("router weight", weight, r_weight / r_weight.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
+  layout = tiling.layout_from_ranks(index.reshape(-1), position.reshape(-1), counts, bm)
+  ref_layout = tiling.make_tile_layout(index.reshape(-1), jnp.ones(T * K, bool), E, bm)
+  equal("router positions -> layout", layout.slot_row_X, ref_layout.slot_row_X)
+  x = jax.random.normal(k[1], (T, D), jnp.bfloat16)
+  x_RD = permute.permute_tokens(x, layout, K, INTERPRET)
+  equal("permute", x_RD, tiling.permute(x, layout, K))
+  close("unpermute+combine", permute.unpermute_combine(x_RD, layout, weight, INTERPRET),
+        tiling.combine(x_RD, layout, weight))
+  wg = (jax.random.normal(k[2], (E, D, F)) * D ** -0.5).astype(jnp.bfloat16)
+  wu = (jax.random.normal(k[3], (E, D, F)) * D ** -0.5).astype(jnp.bfloat16)
+  h = swiglu.grouped_swiglu(x_RD, wg, wu, layout, INTERPRET)
+  t = layout.tile_expert_I
+  g = gmm_reference(x_RD, wg, t, bm).astype(jnp.float32)
+  u = gmm_reference(x_RD, wu, t, bm).astype(jnp.float32)
+  close("gmm + fused swiglu", h, jax.nn.silu(g) * u, atol=5e-2)
 
 
 def check_dispatcher(T=2048, D=512, F=768, E=16, K=4):
@@ -78,7 +111,7 @@ def check_dispatcher(T=2048, D=512, F=768, E=16, K=4):
 
 if __name__ == "__main__":
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; tiles {gmm_lib.TILES}")
-  for check in (check_kernels, check_dispatcher):
+  for check in (check_kernels, check_other_kernels, check_dispatcher):
     try:
       check()
     except Exception as e:  # pylint: disable=broad-except

@@ -46,7 +46,7 @@ def fit_block(dim: int, preferred: int) -> int:
   return b
 
 
-def _compiler_params(backend_kwargs: dict):
+def compiler_params(backend_kwargs: dict):
   """Triton launch parameters on GPU; nothing elsewhere."""
   if jax.default_backend() != "gpu" or not backend_kwargs:
     return None
@@ -54,7 +54,7 @@ def _compiler_params(backend_kwargs: dict):
   return plgpu.CompilerParams(**backend_kwargs)
 
 
-def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
+def dot_f32(a, b, trans_a: bool = False, trans_b: bool = False):
   """a @ b with optional transposes folded into the contraction; f32 accumulation."""
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
@@ -75,9 +75,9 @@ def _gmm_kernel(tile_expert_ref, lhs_ref, rhs_ref, out_ref, *, block_k: int, num
       a = lhs_ref[:, pl.ds(kk * block_k, block_k)]
       if transpose_rhs:
         b = rhs_ref[e, pl.ds(j * block_n, block_n), pl.ds(kk * block_k, block_k)]
-        return acc + _dot(a, b, trans_b=True)
+        return acc + dot_f32(a, b, trans_b=True)
       b = rhs_ref[e, pl.ds(kk * block_k, block_k), pl.ds(j * block_n, block_n)]
-      return acc + _dot(a, b)
+      return acc + dot_f32(a, b)
 
     acc = jax.lax.fori_loop(0, num_k, body, jnp.zeros(out_ref.shape, jnp.float32))
     out_ref[...] = acc.astype(out_ref.dtype)
@@ -104,7 +104,7 @@ def gmm(lhs_RK, rhs, tile_expert_I, *, block_m: int, block_n: int = 128, block_k
                 pl.BlockSpec(rhs.shape, lambda i, j: (0, 0, 0))],
       out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
       interpret=interpret,
-      compiler_params=_compiler_params(params),
+      compiler_params=compiler_params(params),
       name="moe_gmm_t" if transpose_rhs else "moe_gmm",
   )(tile_expert_I, lhs_RK, rhs)
 
@@ -116,7 +116,7 @@ def _tgmm_kernel(tile_start_ref, tile_end_ref, lhs_ref, grad_ref, out_ref, *, bl
   def body(t, acc):
     a = lhs_ref[pl.ds(t * block_m, block_m), pl.ds(kb * block_k, block_k)]
     g = grad_ref[pl.ds(t * block_m, block_m), pl.ds(nb * block_n, block_n)]
-    return acc + _dot(a, g, trans_a=True)
+    return acc + dot_f32(a, g, trans_a=True)
 
   acc = jax.lax.fori_loop(tile_start_ref[e], tile_end_ref[e], body,
                           jnp.zeros(out_ref.shape, jnp.float32))
@@ -144,7 +144,7 @@ def tgmm(lhs_RK, grad_RN, tile_start_E, tile_end_E, *, num_experts: int, block_m
                 pl.BlockSpec((R, N), lambda e, k, n: (0, 0))],
       out_specs=pl.BlockSpec((None, block_k, block_n), lambda e, k, n: (e, k, n)),
       interpret=interpret,
-      compiler_params=_compiler_params(params),
+      compiler_params=compiler_params(params),
       name="moe_tgmm",
   )(tile_start_E, tile_end_E, lhs_RK, grad_RN)
 
@@ -166,8 +166,7 @@ def _bwd(interpret, res, d_out_RN):
   d_rhs = tgmm(lhs_RK, d_out_RN, layout.tile_start_E, layout.tile_end_E,
                num_experts=rhs_EKN.shape[0], block_m=layout.block_m, interpret=interpret,
                **{**TILES, "block_k": 128})
-  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jax.dtypes.float0), layout)
-  return d_lhs, d_rhs.astype(rhs_EKN.dtype), zeros
+  return d_lhs, d_rhs.astype(rhs_EKN.dtype), layout.zero_cotangent()
 
 
 _grouped_matmul.defvjp(_fwd, _bwd)

@@ -27,10 +27,10 @@ def tgmm_reference(lhs_RK, grad_RN, tile_expert_I, num_experts: int, block_m: in
               preferred_element_type=jnp.float32) for e in range(num_experts)]).astype(lhs_RK.dtype)
 
 
-def top_k_router_reference(x_TD, w_DE, k: int, renormalize: bool = True):
-  """softmax(x @ W) -> top-k (ties: lowest index) -> weights; positions by a plain loop."""
+def top_k_router_reference(logits_TE, k: int, renormalize: bool = True):
+  """softmax(logits) -> top-k (ties: lowest index) -> weights; positions by a plain loop."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  probs = jax.nn.softmax(x_TD.astype(jnp.float32) @ w_DE.astype(jnp.float32), axis=-1)
+  probs = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
   weight, index = jax.lax.top_k(probs, k)
   if renormalize:
     weight = weight / weight.sum(-1, keepdims=True)
@@ -42,5 +42,5 @@ def top_k_router_reference(x_TD, w_DE, k: int, renormalize: bool = True):
       e = int(idx[t, j])
       position[t, j] = seen.get(e, 0)
       seen[e] = seen.get(e, 0) + 1
-  counts = np.bincount(idx.reshape(-1), minlength=w_DE.shape[1])
+  counts = np.bincount(idx.reshape(-1), minlength=logits_TE.shape[1])
   return index, weight, position, counts

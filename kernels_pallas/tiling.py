@@ -4,7 +4,8 @@ multiple of the row tile, so every row tile of the grouped matmul belongs to ONE
 Axis letters: T tokens, K slots per token, X = T*K slots, E experts, R padded rows,
 I row tiles, D model dim.
 
-The layout is index arithmetic in plain JAX (argsort, bincount, cumsum); moving
+The layout is index arithmetic in plain JAX (argsort, bincount, cumsum; or, from the
+fused router's in-group positions, cumsum and a scatter without any sort); moving
 the rows is a gather both ways, whose gradients are scatter-adds (no one-hot).
 """
 from __future__ import annotations
@@ -36,6 +37,10 @@ class TileLayout:
   def num_rows(self) -> int:
     return self.row_slot_R.shape[0]
 
+  def zero_cotangent(self) -> "TileLayout":
+    """The layout's cotangent in a custom_vjp: integer index arrays have float0 gradients."""
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, jax.dtypes.float0), self)
+
 
 def padded_rows(num_slots: int, num_experts: int, block_m: int) -> int:
   """Static buffer size: every slot plus at most block_m - 1 padding rows per expert."""
@@ -45,19 +50,32 @@ def padded_rows(num_slots: int, num_experts: int, block_m: int) -> int:
 
 def make_tile_layout(expert_X: jax.Array, valid_X: jax.Array, num_experts: int,
                      block_m: int) -> TileLayout:
+  """Layout by sorting: one stable argsort of the slots by expert gives each slot's rank."""
   X, E = expert_X.shape[0], num_experts
-  R = padded_rows(X, E, block_m)
   key_X = jnp.where(valid_X, expert_X, E).astype(jnp.int32)
   counts_E = jnp.bincount(key_X, length=E + 1)[:E].astype(jnp.int32)
-  padded_E = (counts_E + block_m - 1) // block_m * block_m
-  start_E = jnp.cumsum(padded_E) - padded_E  # first padded row of each expert
   order_X = jnp.argsort(key_X, stable=True)
   sorted_key = key_X[order_X]
-  sorted_valid = sorted_key < E
-  e = jnp.minimum(sorted_key, E - 1)
-  rank = jnp.arange(X, dtype=jnp.int32) - (jnp.cumsum(counts_E) - counts_E)[e]
-  row_sorted = jnp.where(sorted_valid, start_E[e] + rank, R)
-  slot_row_X = jnp.zeros((X,), jnp.int32).at[order_X].set(row_sorted)
+  first_E = jnp.cumsum(counts_E) - counts_E  # first sorted position of each expert
+  rank_sorted = jnp.arange(X, dtype=jnp.int32) - first_E[jnp.minimum(sorted_key, E - 1)]
+  rank_X = jnp.zeros((X,), jnp.int32).at[order_X].set(rank_sorted)
+  return layout_from_ranks(key_X, rank_X, counts_E, block_m)
+
+
+def layout_from_ranks(expert_X: jax.Array, rank_X: jax.Array, counts_E: jax.Array,
+                      block_m: int) -> TileLayout:
+  """Layout from each slot's rank inside its expert group (no sort needed).
+
+  expert_X >= E marks unused slots. The fused router kernel returns these ranks
+  (its `position_TK`) and the counts directly, so the dispatcher skips the argsort.
+  """
+  X, E = expert_X.shape[0], counts_E.shape[0]
+  R = padded_rows(X, E, block_m)
+  used_X = (expert_X >= 0) & (expert_X < E)
+  e_X = jnp.clip(expert_X, 0, E - 1)
+  padded_E = (counts_E + block_m - 1) // block_m * block_m
+  start_E = (jnp.cumsum(padded_E) - padded_E).astype(jnp.int32)  # first row of each expert
+  slot_row_X = jnp.where(used_X, start_E[e_X] + rank_X, R).astype(jnp.int32)
   row_slot_R = jnp.full((R,), -1, jnp.int32).at[slot_row_X].set(
       jnp.arange(X, dtype=jnp.int32), mode="drop")
   tile_start_E = (start_E // block_m).astype(jnp.int32)
@@ -81,3 +99,10 @@ def unpermute(y_RD: jax.Array, layout: TileLayout) -> jax.Array:
   used = layout.slot_row_X < layout.num_rows
   rows = jnp.take(y_RD, jnp.minimum(layout.slot_row_X, layout.num_rows - 1), axis=0)
   return jnp.where(used[:, None], rows, jnp.zeros((), y_RD.dtype))
+
+
+def combine(y_RD: jax.Array, layout: TileLayout, weight_TK: jax.Array) -> jax.Array:
+  """[R, D] -> [T, D]: y[t] = sum_k weight[t, k] * y_R[row of slot (t, k)] (plain XLA)."""
+  T, K = weight_TK.shape
+  y_TKD = unpermute(y_RD, layout).reshape(T, K, -1)
+  return jnp.einsum("TKD,TK->TD", y_TKD, weight_TK.astype(y_RD.dtype))

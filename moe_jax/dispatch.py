@@ -164,43 +164,71 @@ def tile_block_m(num_slots: int, num_experts: int, accelerator: bool) -> int:
   return min(128, max(8, 1 << (mean - 1).bit_length()))
 
 
+@dataclasses.dataclass(frozen=True)
+class TileOps:
+  """The pieces a tile-layout dispatcher runs; each takes the TileLayout.
+
+  matmul(lhs_RK, rhs_EKN, layout) -> [R, N]; permute(x_TD, layout, K) -> [R, D];
+  combine(y_RD, layout, weight_TK) -> [T, D]; swiglu(x_RD, w_gate, w_up, layout) -> [R, F]
+  or None to run SwiGLU as one matmul against [w_gate | w_up] plus an XLA epilogue.
+  """
+
+  matmul: Callable[..., jax.Array]
+  permute: Callable[..., jax.Array]
+  combine: Callable[..., jax.Array]
+  swiglu: Callable[..., jax.Array] | None = None
+
+
+def decision_layout(decision: RoutingDecision, num_experts: int, block_m: int):
+  """Tile layout for a decision: from the fused router's positions when it gave them
+  (no sort), else by sorting the slots by expert."""
+  from kernels_pallas import tiling  # pylint: disable=import-outside-toplevel
+  if decision.position_TK is not None and decision.mask_TK is None:
+    return tiling.layout_from_ranks(decision.expert_index_TK.reshape(-1),
+                                    decision.position_TK.reshape(-1), decision.counts_E, block_m)
+  return tiling.make_tile_layout(decision.expert_index_TK.reshape(-1),
+                                 decision.valid_TK().reshape(-1), num_experts, block_m)
+
+
 def _tile_padded_ffn(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,
-                     matmul, block_m: int) -> tuple[jax.Array, Metrics]:
-  """Dropless FFN over a tile-padded expert layout with a given grouped `matmul`.
+                     ops: TileOps, block_m: int) -> tuple[jax.Array, Metrics]:
+  """Dropless FFN over a tile-padded expert layout with the given grouped ops.
 
   Slots are sorted by expert and each expert's rows padded to a multiple of the row
-  tile, so every tile is one dense matmul against one expert. SwiGLU runs gate and up
-  as one matmul against [w_gate | w_up].
+  tile, so every tile is one dense matmul against one expert.
   """
-  from kernels_pallas import tiling  # pylint: disable=import-outside-toplevel
   _check_inputs(x_TD, decision, experts)
-  T, D = x_TD.shape
-  K, E = decision.expert_index_TK.shape[1], experts.num_experts
-  layout = tiling.make_tile_layout(decision.expert_index_TK.reshape(-1),
-                                   decision.valid_TK().reshape(-1), E, block_m)
-  x_RD = tiling.permute(x_TD, layout, K)
-  if experts.w_gate_EDF is not None:
+  K = decision.expert_index_TK.shape[1]
+  layout = decision_layout(decision, experts.num_experts, block_m)
+  x_RD = ops.permute(x_TD, layout, K)
+  if experts.w_gate_EDF is not None and ops.swiglu is not None:
+    h_RF = ops.swiglu(x_RD, experts.w_gate_EDF, experts.w_up_EDF, layout)
+  elif experts.w_gate_EDF is not None:
     F = experts.w_up_EDF.shape[2]
-    gate_up = matmul(x_RD, jnp.concatenate([experts.w_gate_EDF, experts.w_up_EDF], axis=2), layout)
+    gate_up = ops.matmul(x_RD, jnp.concatenate([experts.w_gate_EDF, experts.w_up_EDF], axis=2),
+                         layout)
     h_RF = jax.nn.silu(gate_up[:, :F]) * gate_up[:, F:]
   else:
-    h_RF = jax.nn.gelu(matmul(x_RD, experts.w_up_EDF, layout))
-  y_RD = matmul(h_RF.astype(experts.w_down_EFD.dtype), experts.w_down_EFD, layout)
-  y_TKD = tiling.unpermute(y_RD, layout).reshape(T, K, D)
-  weight_TK = jnp.where(decision.valid_TK(), decision.weight_TK, 0.0).astype(x_TD.dtype)
-  y_TD = jnp.einsum("TKD,TK->TD", y_TKD, weight_TK)
+    h_RF = jax.nn.gelu(ops.matmul(x_RD, experts.w_up_EDF, layout))
+  y_RD = ops.matmul(h_RF.astype(experts.w_down_EFD.dtype), experts.w_down_EFD, layout)
+  weight_TK = jnp.where(decision.valid_TK(), decision.weight_TK, 0.0)
+  y_TD = ops.combine(y_RD, layout, weight_TK).astype(x_TD.dtype)
   return y_TD, {"dropped_fraction": jnp.zeros((), jnp.float32)}
 
 
 def pallas_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,
                     capacity: CapacityOptions | None = None,
                     block_m: int | None = None) -> tuple[jax.Array, Metrics]:
-  """Dropless with the kernels_pallas grouped matmul (interpret mode on CPU: slow there)."""
+  """Dropless with the kernels_pallas kernels: permute, grouped matmul with the fused
+  SwiGLU epilogue, unpermute+combine (interpret mode on CPU: correct but slow there)."""
   del capacity  # dropless
-  from kernels_pallas import gmm  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from kernels_pallas import gmm, permute, swiglu
   block_m = block_m or tile_block_m(decision.expert_index_TK.size, experts.num_experts,
                                     jax.default_backend() != "cpu")
-  return _tile_padded_ffn(x_TD, decision, experts, gmm.grouped_matmul, block_m)
+  ops = TileOps(gmm.grouped_matmul, permute.permute_tokens, permute.unpermute_combine,
+                swiglu.grouped_swiglu)
+  return _tile_padded_ffn(x_TD, decision, experts, ops, block_m)
 
 
 def tiled_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,
@@ -209,9 +237,10 @@ def tiled_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWe
   """Dropless in plain XLA: the same tile-padded layout, per-tile gathered weights, one
   batched matmul. The fastest dropless path on CPU (no Pallas, no ragged_dot)."""
   del capacity  # dropless
-  from kernels_pallas import tile_gather  # pylint: disable=import-outside-toplevel
+  from kernels_pallas import tile_gather, tiling  # pylint: disable=import-outside-toplevel
   block_m = block_m or tile_block_m(decision.expert_index_TK.size, experts.num_experts, False)
-  return _tile_padded_ffn(x_TD, decision, experts, tile_gather.tile_gather_matmul, block_m)
+  ops = TileOps(tile_gather.tile_gather_matmul, tiling.permute, tiling.combine)
+  return _tile_padded_ffn(x_TD, decision, experts, ops, block_m)
 
 
 # Dropless path `auto` takes per platform. cpu: measured (README table: tiled is the

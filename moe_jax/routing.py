@@ -37,6 +37,10 @@ class RoutingDecision:
     logits_TE: float32 router logits, kept for analysis and steering.
     aux: scalar losses and metrics (load_balance_loss, z_loss, expert_load_E,
       dropped_fraction, router_entropy).
+    position_TK: int32 index of each slot inside its expert's group, slots taken
+      in token-major order; set by the fused router kernel so tile-layout
+      dispatchers skip their sort. None = the dispatcher sorts.
+    counts_E: int32 slots per expert, alongside position_TK.
     capacity: static per-group capacity the router already enforced (expert
       choice), or None when the dispatcher decides.
     group_size: static tokens per group used by the router, or None.
@@ -48,6 +52,8 @@ class RoutingDecision:
   priority_T: jax.Array | None = None
   logits_TE: jax.Array | None = None
   aux: dict[str, jax.Array] = flax.struct.field(default_factory=dict)
+  position_TK: jax.Array | None = None
+  counts_E: jax.Array | None = None
   capacity: int | None = flax.struct.field(pytree_node=False, default=None)
   group_size: int | None = flax.struct.field(pytree_node=False, default=None)
 
@@ -102,6 +108,9 @@ class TopKRouter(nn.Module):
   `weight_TK` are the softmax probabilities of the chosen experts, rescaled to
   sum to 1 when `renormalize`. With `batch_priority`, `priority_T` is each
   token's top weight so capacity-limited dispatch keeps confident tokens first.
+  With `fused`, softmax -> top-k -> renormalise runs in the kernels_pallas router
+  kernel, which also returns each slot's position in its expert group (the tile
+  layout then needs no sort); the logits and aux losses stay in XLA.
   """
 
   num_experts: int
@@ -109,6 +118,7 @@ class TopKRouter(nn.Module):
   renormalize: bool = True
   batch_priority: bool = False
   jitter: float = 0.0
+  fused: bool = False
   param_dtype: Any = jnp.float32
 
   @nn.compact
@@ -120,9 +130,15 @@ class TopKRouter(nn.Module):
     logits_TE = _router_logits(self, x_TD, self.num_experts, self.jitter, deterministic,
                                self.param_dtype)
     probs_TE = jax.nn.softmax(logits_TE, axis=-1)
-    weight_TK, index_TK = jax.lax.top_k(probs_TE, self.k)
-    if self.renormalize:
-      weight_TK = weight_TK / jnp.sum(weight_TK, axis=-1, keepdims=True)
+    position_TK = counts_E = None
+    if self.fused:
+      from kernels_pallas.router import fused_top_k_router  # pylint: disable=import-outside-toplevel
+      index_TK, weight_TK, position_TK, counts_E = fused_top_k_router(
+          logits_TE, k=self.k, renormalize=self.renormalize)
+    else:
+      weight_TK, index_TK = jax.lax.top_k(probs_TE, self.k)
+      if self.renormalize:
+        weight_TK = weight_TK / jnp.sum(weight_TK, axis=-1, keepdims=True)
     assigned_TE = jax.nn.one_hot(index_TK, self.num_experts, dtype=jnp.float32).sum(1)
     aux = {
         "load_balance_loss": losses.load_balance_loss(probs_TE, assigned_TE),
@@ -136,7 +152,9 @@ class TopKRouter(nn.Module):
         weight_TK=weight_TK,
         priority_T=weight_TK[:, 0] if self.batch_priority else None,
         logits_TE=logits_TE,
-        aux=aux)
+        aux=aux,
+        position_TK=position_TK,
+        counts_E=counts_E)
 
 
 def expert_choice_capacity(group_size: int, num_experts: int, capacity_factor: float,
@@ -213,7 +231,7 @@ def make_router(cfg, param_dtype: Any = jnp.float32, group_size: int | None = No
   if cfg.router == "top_k":
     return TopKRouter(num_experts=cfg.num_experts, k=cfg.k, renormalize=cfg.renormalize,
                       batch_priority=cfg.batch_priority, jitter=cfg.jitter,
-                      param_dtype=param_dtype, name="router")
+                      fused=cfg.fused_router, param_dtype=param_dtype, name="router")
   if cfg.router == "expert_choice":
     return ExpertChoiceRouter(num_experts=cfg.num_experts, capacity_factor=cfg.capacity_factor,
                               eval_capacity_factor=cfg.eval_capacity_factor,

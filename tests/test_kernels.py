@@ -129,16 +129,126 @@ def test_tile_gather_matmul_matches_reference_with_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("T, E, k, block_t", [(24, 6, 2, 8), (32, 4, 4, 16), (16, 8, 1, 16)])
+@pytest.mark.parametrize("T, E, k, block_t", [(24, 6, 2, 8), (32, 4, 4, 16), (16, 8, 1, 16),
+                                                (20, 5, 2, 64)])
 def test_fused_router_matches_reference(T, E, k, block_t):
   from kernels_pallas.reference import top_k_router_reference
-  from kernels_pallas.router import fused_top_k_router
-  x = jax.random.normal(jax.random.key(T), (T, 16), jnp.bfloat16)
-  w = jax.random.normal(jax.random.key(E), (16, E)) * 0.5
-  index, weight, position, counts = fused_top_k_router(x, w, k=k, block_t=block_t,
+  from kernels_pallas.router import chosen_weights, fused_top_k_router
+  logits = jax.random.normal(jax.random.key(T), (T, E)) * 2
+  index, weight, position, counts = fused_top_k_router(logits, k=k, block_t=block_t,
                                                        interpret=INTERPRET)
-  r_index, r_weight, r_position, r_counts = top_k_router_reference(x, w, k)
+  r_index, r_weight, r_position, r_counts = top_k_router_reference(logits, k)
   np.testing.assert_array_equal(index, r_index)
   np.testing.assert_allclose(weight, r_weight, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(position, r_position)
   np.testing.assert_array_equal(counts, r_counts)
+  # Gradient to the logits through the weights equals autodiff of softmax -> top-k.
+  cot = jax.random.normal(jax.random.key(1), (T, k))
+  ours = jax.grad(lambda l: jnp.sum(fused_top_k_router(l, k=k, block_t=block_t,
+                                                       interpret=INTERPRET)[1] * cot))(logits)
+  def ref(l):
+    w, _ = jax.lax.top_k(jax.nn.softmax(l), k)
+    return jnp.sum(w / w.sum(-1, keepdims=True) * cot)
+  np.testing.assert_allclose(ours, jax.grad(ref)(logits), rtol=1e-5, atol=1e-6)
+  assert chosen_weights(logits, index, renormalize=False).shape == (T, k)
+
+
+def test_layout_from_router_positions_equals_sorted_layout():
+  from kernels_pallas.router import fused_top_k_router
+  from kernels_pallas.tiling import layout_from_ranks
+  T, E, k, bm = 40, 6, 2, 8
+  logits = jax.random.normal(jax.random.key(3), (T, E))
+  index, _, position, counts = fused_top_k_router(logits, k=k, block_t=8, interpret=INTERPRET)
+  ours = layout_from_ranks(index.reshape(-1), position.reshape(-1), counts, bm)
+  ref = _layout(index.reshape(-1), np.ones(T * k, bool), E, bm)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=8, deadline=None)
+@given(layouts(), st.sampled_from([jnp.float32, jnp.bfloat16]))
+def test_permute_kernels_match_xla_gathers_with_gradients(case, dtype):
+  from kernels_pallas.permute import permute_tokens, unpermute_combine
+  from kernels_pallas.tiling import combine
+  E, X, bm, expert, valid, seed = case
+  K = 2 if X % 2 == 0 else 1
+  T = X // K
+  L = _layout(expert, valid, E, bm)
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(k1, (T, 16)).astype(dtype)
+  y = jax.random.normal(k2, (L.num_rows, 16)).astype(dtype)
+  w = jax.random.uniform(k3, (T, K))
+  tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+  f32 = lambda a: np.asarray(a, np.float32)
+  # Forward: the kernels equal the plain gathers exactly (one product per term).
+  np.testing.assert_array_equal(f32(permute_tokens(x, L, K, INTERPRET)), f32(permute(x, L, K)))
+  np.testing.assert_allclose(f32(unpermute_combine(y, L, w, INTERPRET)), f32(combine(y, L, w)),
+                             **tol)
+  cot_R = jax.random.normal(k4, (L.num_rows, 16)).astype(dtype)
+  g_ours = jax.grad(lambda x: jnp.sum((permute_tokens(x, L, K, INTERPRET) * cot_R)
+                                      .astype(jnp.float32)))(x)
+  g_ref = jax.grad(lambda x: jnp.sum((permute(x, L, K) * cot_R).astype(jnp.float32)))(x)
+  np.testing.assert_allclose(f32(g_ours), f32(g_ref), **tol)
+  cot_T = jax.random.normal(k4, (T, 16)).astype(dtype)
+  loss = lambda f: lambda y, w: jnp.sum((f(y, w) * cot_T).astype(jnp.float32))
+  ours = jax.grad(loss(lambda y, w: unpermute_combine(y, L, w, INTERPRET)), (0, 1))(y, w)
+  ref = jax.grad(loss(lambda y, w: combine(y, L, w)), (0, 1))(y, w)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(f32(a), f32(b), **tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_swiglu_matches_reference_with_gradients(dtype):
+  from kernels_pallas.swiglu import grouped_swiglu
+  E, bm = 4, 8
+  # Expert 1 is empty; expert 3 takes most slots; 2 slots unused.
+  L = _layout(np.array([3, 3, 0, 3, 2, 3, 3, 3, 0, 3, 3, 2]), np.array([1] * 10 + [0, 0], bool),
+              E, bm)
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(7), 4)
+  x = jax.random.normal(k1, (L.num_rows, 16)).astype(dtype)
+  wg = (jax.random.normal(k2, (E, 16, 24)) / 4).astype(dtype)
+  wu = (jax.random.normal(k3, (E, 16, 24)) / 4).astype(dtype)
+  cot = jax.random.normal(k4, (L.num_rows, 24)).astype(dtype)
+
+  def ref(x, wg, wu):
+    g = gmm_reference(x, wg, L.tile_expert_I, bm).astype(jnp.float32)
+    u = gmm_reference(x, wu, L.tile_expert_I, bm).astype(jnp.float32)
+    return (jax.nn.silu(g) * u).astype(dtype)
+
+  tol = dict(rtol=3e-2, atol=3e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+  f32 = lambda a: np.asarray(a, np.float32)
+  np.testing.assert_allclose(f32(grouped_swiglu(x, wg, wu, L, INTERPRET)), f32(ref(x, wg, wu)),
+                             **tol)
+  loss = lambda f: lambda *a: jnp.sum((f(*a) * cot).astype(jnp.float32))
+  ours = jax.grad(loss(lambda *a: grouped_swiglu(*a, L, INTERPRET)), (0, 1, 2))(x, wg, wu)
+  refs = jax.grad(loss(ref), (0, 1, 2))(x, wg, wu)
+  for a, b in zip(ours, refs):
+    np.testing.assert_allclose(f32(a), f32(b), **tol)
+  assert not np.any(f32(ours[1][1])) and not np.any(f32(ours[2][1]))  # empty expert: zero grad
+
+
+@pytest.mark.parametrize("dispatch", ["pallas", "tiled"])
+def test_layer_with_fused_router_equals_unfused_sorted_layer(dispatch):
+  from moe_jax import MoEConfig, MoELayer
+  x = jax.random.normal(jax.random.key(0), (2, 12, 16))
+  base = dict(num_experts=4, k=2, expert_hidden_dim=24, load_balance_weight=0.1)
+  ref_layer = MoELayer(MoEConfig(dispatch="sorted", **base))
+  fused_layer = MoELayer(MoEConfig(dispatch=dispatch, fused_router=True, **base))
+  params = ref_layer.init(jax.random.key(1), x)["params"]
+
+  def loss(layer):
+    def f(params, x):
+      y, state = layer.apply({"params": params}, x, mutable=["aux_loss"])
+      return jnp.sum(y ** 2) + sum(jax.tree.leaves(state["aux_loss"]))
+    return jax.value_and_grad(f, (0, 1))
+
+  (l_ref, g_ref), (l_ours, g_ours) = loss(ref_layer)(params, x), loss(fused_layer)(params, x)
+  np.testing.assert_allclose(l_ours, l_ref, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_router_needs_top_k():
+  from moe_jax import MoEConfig
+  with pytest.raises(ValueError, match="fused_router=True needs router='top_k'"):
+    MoEConfig(router="expert_choice", fused_router=True)

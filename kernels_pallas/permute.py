@@ -1,0 +1,128 @@
+"""Token permutation as Pallas kernels: gather tokens into the tile-padded expert order,
+and gather them back with the routing weights (unpermute + combine) in one pass.
+
+Axis letters: T tokens, K slots per token, X = T*K slots, R padded rows, D model dim,
+S source rows, O output rows, J gathered rows per output row.
+
+Both directions are the same kernel, a weighted row gather:
+
+  out[o] = sum_j weight[o, j] * src[index[o, j]]      (index outside [0, S) adds 0)
+
+  permute:            O = R, J = 1: index = token of row's slot (-1 on padding), weight 1
+  unpermute+combine:  O = T, J = K: index = row of each slot (R if unused), weight_TK
+
+and each one's transpose is the other shape of the same kernel (the tile layout holds
+both maps), so the backward passes are gathers too: no scatter-add, no one-hot. The
+combine weights' gradient is a gather plus a row-wise dot.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels_pallas.gmm import default_interpret, fit_block
+from kernels_pallas.tiling import TileLayout
+
+
+def _gather_kernel(index_ref, weight_ref, src_ref, out_ref, *, num_src: int, gathers: int):
+  acc = jnp.zeros(out_ref.shape, jnp.float32)
+  for j in range(gathers):  # static J: 1 (permute) or K (combine)
+    idx = index_ref[:, j]
+    ok = (idx >= 0) & (idx < num_src)
+    rows = src_ref[jnp.clip(idx, 0, num_src - 1), :].astype(jnp.float32)
+    acc = acc + jnp.where(ok[:, None], rows * weight_ref[:, j][:, None], 0.0)
+  out_ref[...] = acc.astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_rows", "block_d", "interpret"))
+def weighted_gather(src_SD: jax.Array, index_OJ: jax.Array, weight_OJ: jax.Array, *,
+                    block_rows: int = 32, block_d: int = 512,
+                    interpret: bool = False) -> jax.Array:
+  """out[o] = sum_j weight[o, j] * src[index[o, j]] (f32 sum), [O, D] in src's dtype."""
+  S, D = src_SD.shape
+  O, J = index_OJ.shape
+  block_rows, block_d = fit_block(O, block_rows), fit_block(D, block_d)
+  kernel = functools.partial(_gather_kernel, num_src=S, gathers=J)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((O, D), src_SD.dtype),
+      grid=(O // block_rows, D // block_d),
+      in_specs=[pl.BlockSpec((block_rows, J), lambda i, j: (i, 0)),
+                pl.BlockSpec((block_rows, J), lambda i, j: (i, 0)),
+                pl.BlockSpec((S, block_d), lambda i, j: (0, j))],
+      out_specs=pl.BlockSpec((block_rows, block_d), lambda i, j: (i, j)),
+      interpret=interpret,
+      name="moe_weighted_gather",
+  )(index_OJ.astype(jnp.int32), weight_OJ.astype(jnp.float32), src_SD)
+
+
+def _row_token_R1(layout: TileLayout, slots_per_token: int) -> jax.Array:
+  """Token of each padded row's slot, -1 on padding rows."""
+  slot = layout.row_slot_R
+  return jnp.where(slot >= 0, slot // slots_per_token, -1)[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _permute(x_TD, layout, slots_per_token, interpret):
+  index = _row_token_R1(layout, slots_per_token)
+  return weighted_gather(x_TD, index, jnp.ones(index.shape, jnp.float32), interpret=interpret)
+
+
+def _permute_fwd(x_TD, layout, slots_per_token, interpret):
+  return _permute(x_TD, layout, slots_per_token, interpret), layout
+
+
+def _permute_bwd(slots_per_token, interpret, layout, d_RD):
+  # Each token's gradient is the sum of its K rows: the combine gather with weight 1.
+  index_TK = layout.slot_row_X.reshape(-1, slots_per_token)
+  d_TD = weighted_gather(d_RD, index_TK, jnp.ones(index_TK.shape, jnp.float32),
+                         interpret=interpret)
+  return d_TD, layout.zero_cotangent()
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _combine(y_RD, layout, weight_TK, interpret):
+  index_TK = layout.slot_row_X.reshape(weight_TK.shape)
+  return weighted_gather(y_RD, index_TK, weight_TK, interpret=interpret)
+
+
+def _combine_fwd(y_RD, layout, weight_TK, interpret):
+  return _combine(y_RD, layout, weight_TK, interpret), (y_RD, layout, weight_TK)
+
+
+def _combine_bwd(interpret, res, d_TD):
+  y_RD, layout, weight_TK = res
+  T, K = weight_TK.shape
+  # Row r gets weight[slot] * d[token of slot]: the permute gather with per-row weights.
+  slot_R = layout.row_slot_R
+  w_R1 = jnp.where(slot_R >= 0, weight_TK.reshape(-1)[jnp.maximum(slot_R, 0)], 0.0)[:, None]
+  d_RD = weighted_gather(d_TD, _row_token_R1(layout, K), w_R1, interpret=interpret)
+  # d weight[t, k] = <d[t], y[row of slot (t, k)]>: gather the K rows, row-wise dot.
+  index_TK = layout.slot_row_X.reshape(T, K)
+  used_TK = index_TK < y_RD.shape[0]
+  y_TKD = jnp.take(y_RD, jnp.minimum(index_TK, y_RD.shape[0] - 1), axis=0)
+  d_w = jnp.einsum("TD,TKD->TK", d_TD.astype(jnp.float32), y_TKD.astype(jnp.float32))
+  d_w = jnp.where(used_TK, d_w, 0.0).astype(weight_TK.dtype)
+  return d_RD.astype(y_RD.dtype), layout.zero_cotangent(), d_w
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+def permute_tokens(x_TD: jax.Array, layout: TileLayout, slots_per_token: int,
+                   interpret: bool | None = None) -> jax.Array:
+  """[T, D] -> [R, D]: each padded row gets its slot's token (zeros on padding rows)."""
+  return _permute(x_TD, layout, slots_per_token,
+                  default_interpret() if interpret is None else interpret)
+
+
+def unpermute_combine(y_RD: jax.Array, layout: TileLayout, weight_TK: jax.Array,
+                      interpret: bool | None = None) -> jax.Array:
+  """[R, D] -> [T, D]: y[t] = sum_k weight[t, k] * y_R[row of slot (t, k)] (unused: 0)."""
+  return _combine(y_RD, layout, weight_TK, default_interpret() if interpret is None else interpret)
