@@ -14,6 +14,7 @@ from moe_jax import validation as V
 ROUTERS = ("top_k", "expert_choice")
 DISPATCHERS = ("einsum", "sorted", "dense", "pallas", "tiled", "auto")
 ACTIVATIONS = ("swiglu", "gelu")
+EXPERT_PARALLEL_MODES = ("auto", "capacity", "dropless")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,15 @@ class MoEConfig:
     shared_hidden_dim: hidden width of each shared expert; None means F.
     load_balance_weight: weight of the Switch load-balancing loss.
     z_loss_weight: weight of the router z-loss.
+    expert_parallel: how tokens travel when the mesh in context (jax.set_mesh) has
+      an `expert` axis > 1 (see expert_parallel.py): "capacity" (fixed buffers,
+      all_to_all; top-k drops past C per device), "dropless" (ragged exchange) or
+      "auto" (capacity for einsum and expert choice, dropless otherwise: the
+      semantics the layer has on one device). `dispatch` runs the local experts.
+    fused_router: top_k only: run softmax -> top-k -> renormalise in the
+      kernels_pallas router kernel, which also gives each slot's position in its
+      expert group, so the "pallas"/"tiled" dispatchers build their layout
+      without a sort (interpret mode on CPU: correct, not faster there).
   """
 
   num_experts: int = 8
@@ -69,6 +79,8 @@ class MoEConfig:
   shared_hidden_dim: int | None = None
   load_balance_weight: float = 1e-2
   z_loss_weight: float = 1e-3
+  expert_parallel: str = "auto"
+  fused_router: bool = False
 
   def __post_init__(self):
     V.check_int_range("num_experts", self.num_experts, lo=1)
@@ -76,8 +88,12 @@ class MoEConfig:
     V.check_choice("router", self.router, ROUTERS)
     V.check_choice("dispatch", self.dispatch, DISPATCHERS)
     V.check_choice("activation", self.activation, ACTIVATIONS)
+    V.check_choice("expert_parallel", self.expert_parallel, EXPERT_PARALLEL_MODES)
     if self.router == "top_k":
       V.check_int_range("k", self.k, lo=1, hi=self.num_experts)
+    elif self.fused_router:
+      raise ValueError(f"fused_router=True needs router='top_k' (got router={self.router!r}); "
+                       "the fused kernel is a token-choice top-k router")
     V.check_fraction("jitter", self.jitter)
     V.check_positive("capacity_factor", self.capacity_factor)
     if self.eval_capacity_factor is not None:
