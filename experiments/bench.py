@@ -9,10 +9,13 @@ the timed calls of a row add up to --max_row_s). Variants:
   sorted       top-k router + moe_jax sorted dispatch (dropless, jax.lax.ragged_dot)
   pallas       top-k router + moe_jax pallas dispatch (dropless, kernels_pallas grouped
                matmul over a tile-padded layout; interpret mode on CPU, so slow there)
+  pallas_fused as pallas, with the fused router kernel (its in-group positions build
+               the tile layout without a sort)
   tiled        top-k router + moe_jax tiled dispatch (dropless, same layout, per-tile
                gathered weights + one XLA batched matmul)
   tokamax      as sorted, with tokamax.ragged_dot for the grouped matmuls (only
                when `import tokamax` works)
+  megablox     as sorted, with the megablox Pallas gmm of jax.experimental (TPU only)
 Modes: fwd (the forward) and fwd_bwd (value_and_grad of sum(y**2) w.r.t. x, the
 router weight and every expert weight). ratio_to_dense = dense_equiv ms / variant ms.
 
@@ -55,7 +58,8 @@ except Exception as e:  # pylint: disable=broad-except
   tokamax, TOKAMAX_ERROR = None, f"{type(e).__name__}: {e}"
 
 MODES = ("fwd", "fwd_bwd")
-VARIANTS = ("dense_equiv", "einsum", "sorted", "tiled", "pallas", "ep", "tokamax")
+VARIANTS = ("dense_equiv", "einsum", "sorted", "tiled", "pallas", "pallas_fused", "ep", "tokamax",
+            "megablox")
 EINSUM_GROUP_SIZE = 1024
 EINSUM_CAPACITY_FACTOR = 1.25
 
@@ -135,9 +139,10 @@ def dense_equiv(s: Shape, x_XD, w) -> jax.Array:
   return h_XF @ w["down_FD"]
 
 
-def route_top_k(x_TD, w_DE, k: int) -> RoutingDecision:
+def route_top_k(x_TD, w_DE, k: int, fused: bool = False) -> RoutingDecision:
   """The library's TopKRouter (float32 logits, renormalised top-k, aux losses)."""
-  return TopKRouter(num_experts=w_DE.shape[1], k=k).apply({"params": {"w_DE": w_DE}}, x_TD)
+  return TopKRouter(num_experts=w_DE.shape[1], k=k, fused=fused).apply(
+      {"params": {"w_DE": w_DE}}, x_TD)
 
 
 def moe_einsum(s: Shape, x_TD, w_DE, experts) -> jax.Array:
@@ -148,8 +153,8 @@ def moe_einsum(s: Shape, x_TD, w_DE, experts) -> jax.Array:
 
 
 
-def moe_dispatch(name: str, s: Shape, x_TD, w_DE, experts) -> jax.Array:
-  y_TD, _ = get_dispatcher(name)(x_TD, route_top_k(x_TD, w_DE, s.K), experts)
+def moe_dispatch(name: str, s: Shape, x_TD, w_DE, experts, fused: bool = False) -> jax.Array:
+  y_TD, _ = get_dispatcher(name)(x_TD, route_top_k(x_TD, w_DE, s.K, fused), experts)
   return y_TD
 
 
@@ -178,10 +183,28 @@ class TokamaxExpertWeights(ExpertWeights):
     return tokamax.ragged_dot(h, self.w_down_EFD, group_sizes_E)
 
 
+@flax.struct.dataclass
+class MegabloxExpertWeights(ExpertWeights):
+  """ExpertWeights whose ragged path uses the megablox gmm (Pallas Mosaic, TPU only)."""
+
+  def ragged(self, x_XD, group_sizes_E):
+    from jax.experimental.pallas.ops.tpu.megablox import gmm  # pylint: disable=import-outside-toplevel
+    gate = gmm(x_XD, self.w_gate_EDF, group_sizes_E)
+    up = gmm(x_XD, self.w_up_EDF, group_sizes_E)
+    h = (jax.nn.silu(gate) * up).astype(self.w_down_EFD.dtype)
+    return gmm(h, self.w_down_EFD, group_sizes_E)
+
+
+def with_ragged(cls, experts: ExpertWeights) -> ExpertWeights:
+  return cls(**{f.name: getattr(experts, f.name) for f in dataclasses.fields(experts)})
+
+
 def moe_tokamax(s: Shape, x_TD, w_DE, experts) -> jax.Array:
-  experts = TokamaxExpertWeights(**{f.name: getattr(experts, f.name)
-                                    for f in dataclasses.fields(experts)})
-  return moe_dispatch("sorted", s, x_TD, w_DE, experts)
+  return moe_dispatch("sorted", s, x_TD, w_DE, with_ragged(TokamaxExpertWeights, experts))
+
+
+def moe_megablox(s: Shape, x_TD, w_DE, experts) -> jax.Array:
+  return moe_dispatch("sorted", s, x_TD, w_DE, with_ragged(MegabloxExpertWeights, experts))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +220,9 @@ VARIANT_FNS = {
     "pallas": Variant(moe_inputs, functools.partial(moe_dispatch, "pallas")),
     "tiled": Variant(moe_inputs, functools.partial(moe_dispatch, "tiled")),
     "ep": Variant(moe_inputs, moe_ep),
+    "pallas_fused": Variant(moe_inputs, functools.partial(moe_dispatch, "pallas", fused=True)),
     "tokamax": Variant(moe_inputs, moe_tokamax),
+    "megablox": Variant(moe_inputs, moe_megablox),
 }
 
 
@@ -297,6 +322,9 @@ def run_layer_suite(opts: Options, shapes: list[Shape] | None = None) -> list[di
   variants = [v for v in opts.variants if v != "tokamax" or tokamax is not None]
   if "tokamax" in opts.variants and tokamax is None:
     print(f"tokamax variant skipped: import tokamax failed ({TOKAMAX_ERROR})", flush=True)
+  if "megablox" in variants and jax.default_backend() != "tpu":
+    variants.remove("megablox")
+    print("megablox variant skipped: its Mosaic kernel needs a TPU", flush=True)
   rows = []
   for s in shapes or SHAPES[opts.shapes]:
     for variant in variants:

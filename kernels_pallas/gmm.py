@@ -46,12 +46,18 @@ def fit_block(dim: int, preferred: int) -> int:
   return b
 
 
-def compiler_params(backend_kwargs: dict):
-  """Triton launch parameters on GPU; nothing elsewhere."""
-  if jax.default_backend() != "gpu" or not backend_kwargs:
+# Lower for Triton even off-GPU: check_lowering.py sets this to export the kernels for
+# CUDA on a CPU-only machine.
+FORCE_TRITON = False
+
+
+def compiler_params(backend_kwargs: dict | None = None):
+  """Triton parameters on GPU (always given: without them jax picks its Mosaic GPU
+  backend, which these kernels are not written for); nothing elsewhere."""
+  if jax.default_backend() != "gpu" and not FORCE_TRITON:
     return None
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
-  return plgpu.CompilerParams(**backend_kwargs)
+  return plgpu.CompilerParams(**(backend_kwargs or {}))
 
 
 def dot_f32(a, b, trans_a: bool = False, trans_b: bool = False):

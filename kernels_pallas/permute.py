@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels_pallas.gmm import default_interpret, fit_block
+from kernels_pallas.gmm import compiler_params, default_interpret, fit_block
 from kernels_pallas.tiling import TileLayout
 
 
@@ -55,6 +55,7 @@ def weighted_gather(src_SD: jax.Array, index_OJ: jax.Array, weight_OJ: jax.Array
                 pl.BlockSpec((S, block_d), lambda i, j: (0, j))],
       out_specs=pl.BlockSpec((block_rows, block_d), lambda i, j: (i, j)),
       interpret=interpret,
+      compiler_params=compiler_params(),
       name="moe_weighted_gather",
   )(index_OJ.astype(jnp.int32), weight_OJ.astype(jnp.float32), src_SD)
 

@@ -24,11 +24,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels_pallas.gmm import default_interpret, fit_block
+from kernels_pallas.gmm import compiler_params, default_interpret, fit_block
 
 
 def _router_kernel(logits_ref, index_ref, weight_ref, rank_ref, counts_ref, *, k: int,
                    renormalize: bool):
+  # Triton-friendly: no slicing or concatenation of values (its lowering has neither);
+  # the k columns are kept as [t, 1] values and merged into [t, k] with iota + where.
   logits = logits_ref[...].astype(jnp.float32)
   t, e = logits.shape
   probs = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
@@ -42,25 +44,34 @@ def _router_kernel(logits_ref, index_ref, weight_ref, rank_ref, counts_ref, *, k
     indices.append(idx)
     weights.append(best)
     remaining = jnp.where(expert_iota == idx, -1.0, remaining)
-  index_TK = jnp.concatenate(indices, axis=1)
-  weight_TK = jnp.concatenate(weights, axis=1)
   if renormalize:
-    weight_TK = weight_TK / jnp.sum(weight_TK, axis=1, keepdims=True)
-  ranks, counts = _ranks(index_TK, e)
-  index_ref[...] = index_TK
-  weight_ref[...] = weight_TK
-  rank_ref[...] = ranks
+    total = sum(weights)
+    weights = [w / total for w in weights]
+  ranks, counts = _ranks(indices, e)
+  index_ref[...] = _columns(indices, jnp.int32)
+  weight_ref[...] = _columns(weights, jnp.float32)
+  rank_ref[...] = _columns(ranks, jnp.int32)
   counts_ref[...] = counts
 
 
-def _ranks(index_TK, num_experts: int):
+def _columns(cols, dtype):
+  """k values of shape [t, 1] -> one [t, k] value."""
+  t, k = cols[0].shape[0], len(cols)
+  slot_iota = jax.lax.broadcasted_iota(jnp.int32, (t, k), 1)
+  out = jnp.zeros((t, k), dtype)
+  for j, c in enumerate(cols):
+    out = jnp.where(slot_iota == j, c.astype(dtype), out)
+  return out
+
+
+def _ranks(indices, num_experts: int):
   """Per slot: earlier slots (token-major) of this block with the same expert; block counts."""
-  t, k = index_TK.shape
+  t, k = indices[0].shape[0], len(indices)
   expert_iota = jax.lax.broadcasted_iota(jnp.int32, (t, num_experts), 1)
   token_iota_r = jax.lax.broadcasted_iota(jnp.int32, (t, t), 0)
   token_iota_c = jax.lax.broadcasted_iota(jnp.int32, (t, t), 1)
   before = (token_iota_c < token_iota_r).astype(jnp.float32)  # strictly earlier tokens
-  onehots = [(expert_iota == index_TK[:, j:j + 1]).astype(jnp.float32) for j in range(k)]
+  onehots = [(expert_iota == idx).astype(jnp.float32) for idx in indices]
   all_slots = sum(onehots)  # [t, E]: slots of each token per expert (0 or 1 each)
   earlier_tokens = jax.lax.dot_general(before, all_slots, (((1,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)  # [t, E]
@@ -71,7 +82,7 @@ def _ranks(index_TK, num_experts: int):
     ranks.append(r)
     same_token_earlier = same_token_earlier + onehots[j]
   counts = jnp.sum(all_slots, axis=0, keepdims=True)  # [1, E]
-  return jnp.concatenate(ranks, axis=1).astype(jnp.int32), counts.astype(jnp.int32)
+  return ranks, counts.astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "renormalize", "block_t", "interpret"))
@@ -90,6 +101,7 @@ def _router_call(logits_TE, *, k: int, renormalize: bool, block_t: int, interpre
                  pl.BlockSpec((block_t, k), lambda b: (b, 0)),
                  pl.BlockSpec((1, E), lambda b: (b, 0))),
       interpret=interpret,
+      compiler_params=compiler_params(),
       name="moe_top_k_router",
   )(logits_TE)
   # Phase 2: block offsets (exclusive cumsum of counts) -> positions inside each group.

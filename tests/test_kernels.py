@@ -252,3 +252,9 @@ def test_fused_router_needs_top_k():
   from moe_jax import MoEConfig
   with pytest.raises(ValueError, match="fused_router=True needs router='top_k'"):
     MoEConfig(router="expert_choice", fused_router=True)
+
+
+def test_every_kernel_lowers_for_triton(capsys):
+  """Pallas -> Triton lowering runs on CPU via jax.export: catches what Triton rejects."""
+  from kernels_pallas import check_lowering
+  assert check_lowering.main() == 0, capsys.readouterr().out
