@@ -29,13 +29,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from moe_jax import validation as V
+from moe_jax.config import EXPERT_PARALLEL_MODES
 from moe_jax.dispatch import (CapacityOptions, assign_capacity_slots, get_dispatcher,
                               sort_slots_by_expert)
 from moe_jax.experts import ExpertWeights
 from moe_jax.ragged_exchange import ragged_exchange
 from moe_jax.routing import RoutingDecision, token_choice_capacity
 
-MODES = ("auto", "capacity", "dropless")
+MODES = EXPERT_PARALLEL_MODES
 TOKEN_AXES = ("data", "fsdp", "expert")
 
 
@@ -46,24 +48,26 @@ def expert_axis_size(mesh=None, expert_axis: str = "expert") -> int:
 
 
 def resolve_mode(mode: str, local_dispatch: str, decision: RoutingDecision) -> str:
-  if mode not in MODES:
-    raise ValueError(f"expert_parallel={mode!r} is not supported; allowed: {', '.join(MODES)}")
+  V.check_choice("expert_parallel", mode, MODES)
   if mode != "auto":
     return mode
   return "capacity" if local_dispatch == "einsum" or decision.capacity is not None else "dropless"
 
 
-def _pad_tokens(x_TD, decision: RoutingDecision, unit: int):
-  """Pads T up to a multiple of `unit` with rows whose slots are all unused."""
-  T = x_TD.shape[0]
-  pad = -T % unit
-  if not pad:
-    return x_TD, decision
-  rows = lambda a, v: jnp.concatenate([a, jnp.full((pad,) + a.shape[1:], v, a.dtype)])
-  return rows(x_TD, 0), decision.replace(
+def _local_view(decision: RoutingDecision, pad: int) -> RoutingDecision:
+  """What the exchange needs, T padded by `pad` rows whose slots are all unused.
+
+  Fields describing the global layout (e.g. a fused router's positions) are dropped:
+  each device lays out its own slots.
+  """
+  rows = lambda a, v: a if not pad else jnp.concatenate(
+      [a, jnp.full((pad,) + a.shape[1:], v, a.dtype)])
+  priority = decision.priority_T
+  return RoutingDecision(
       expert_index_TK=rows(decision.expert_index_TK, 0), weight_TK=rows(decision.weight_TK, 0),
       mask_TK=rows(decision.valid_TK(), False),
-      priority_T=None if decision.priority_T is None else rows(decision.priority_T, -jnp.inf))
+      priority_T=None if priority is None else rows(priority, -jnp.inf),
+      capacity=decision.capacity, group_size=decision.group_size)
 
 
 def local_ffn(dispatch: str, x_RD: jax.Array, expert_R: jax.Array, valid_R: jax.Array,
@@ -114,8 +118,10 @@ def expert_parallel_ffn(x_TD: jax.Array, decision: RoutingDecision, experts: Exp
     shards *= sizes[a]
   T, K = decision.expert_index_TK.shape
   S = decision.group_size if decision.capacity is not None else None  # expert choice
-  x_pad, dec = _pad_tokens(x_TD, decision, shards * (S or 1))  # groups stay on one device
-  t, L = x_pad.shape[0] // shards, E // N
+  pad = -T % (shards * (S or 1))  # whole groups on one device
+  dec = _local_view(decision, pad)
+  x_pad = jnp.pad(x_TD, ((0, pad), (0, 0)))
+  t, L = (T + pad) // shards, E // N
   if S:  # router-enforced capacity per group: the exact per-device bound
     cap = decision.capacity * (t // S)
   else:
@@ -125,8 +131,8 @@ def expert_parallel_ffn(x_TD: jax.Array, decision: RoutingDecision, experts: Exp
 
   def local(x_TD, index_TK, weight_TK, valid_TK, priority_T, w_up, w_down, w_gate):
     ex = ExpertWeights(w_up, w_down, w_gate, experts.activation)
-    d = dec.replace(expert_index_TK=index_TK, weight_TK=weight_TK, mask_TK=valid_TK,
-                    priority_T=priority_T)
+    d = RoutingDecision(expert_index_TK=index_TK, weight_TK=weight_TK, mask_TK=valid_TK,
+                        priority_T=priority_T, capacity=dec.capacity, group_size=dec.group_size)
     if mode == "capacity":
       y_TD, kept = _capacity_local(x_TD, d, ex, E, N, cap, local_dispatch, expert_axis)
     else:

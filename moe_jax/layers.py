@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from moe_jax import losses
 from moe_jax.config import MoEConfig
 from moe_jax.dispatch import CapacityOptions, get_dispatcher
+from moe_jax.expert_parallel import expert_axis_size, expert_parallel_ffn
 from moe_jax.experts import ExpertBank, FeedForward
 from moe_jax.routing import make_router
 
@@ -25,6 +26,8 @@ class MoELayer(nn.Module):
       leaves of this collection into the task loss: `losses.sum_aux_losses`).
     "moe_metrics"/"moe": dict of raw losses and router metrics.
   The jitter noise, when configured, draws from the "jitter" rng.
+  Under a mesh whose `expert` axis is > 1 (`jax.set_mesh`), the experts run
+  expert-parallel (`cfg.expert_parallel`; `cfg.dispatch` computes the local experts).
   """
 
   config: MoEConfig
@@ -52,8 +55,15 @@ class MoELayer(nn.Module):
                          self.param_dtype, name="experts")(D)
     capacity = CapacityOptions(cfg.capacity_factor_for(deterministic), group_size,
                                cfg.min_capacity)
-    y_TD, dispatch_metrics = get_dispatcher(cfg.dispatch)(x_TD.astype(self.dtype), decision,
-                                                          experts, capacity)
+    if expert_axis_size() > 1:  # a mesh in context spreads the experts over devices
+      y_TD, dropped = expert_parallel_ffn(
+          x_TD.astype(self.dtype), decision, experts, mode=cfg.expert_parallel,
+          local_dispatch=cfg.dispatch, capacity_factor=capacity.capacity_factor,
+          min_capacity=cfg.min_capacity)
+      dispatch_metrics = {"dropped_fraction": dropped}
+    else:
+      y_TD, dispatch_metrics = get_dispatcher(cfg.dispatch)(x_TD.astype(self.dtype), decision,
+                                                            experts, capacity)
     if cfg.num_shared_experts:
       shared_F = (cfg.shared_hidden_dim or cfg.expert_hidden_dim) * cfg.num_shared_experts
       y_TD = y_TD + FeedForward(shared_F, cfg.activation, self.dtype, self.param_dtype,

@@ -168,5 +168,5 @@ def test_expert_parallel_rejects_bad_input():
                         experts, mesh, capacity_factor=1.0)
   x, experts, decision, _ = _inputs(5)
   with pytest.raises(ValueError, match=r"expert_parallel='ragged' is not supported; allowed: "
-                                       r"auto, capacity, dropless"):
+                                       r"'auto', 'capacity', 'dropless'"):
     expert_parallel_ffn(x, decision, experts, mesh, mode="ragged")
