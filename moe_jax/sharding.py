@@ -74,11 +74,12 @@ def initialize_distributed() -> bool:
   """jax.distributed.initialize() on multi-process launches; a no-op on one host.
 
   Multi-process means a coordinator / TPU-pod variable is set, or SLURM launched more
-  than one task. Returns whether it initialised.
+  than one task. Returns whether it initialised (False if already done, e.g. by a
+  notebook's earlier run).
   """
   multi = any(os.environ.get(k) for k in _MULTI_PROCESS_ENV)
   multi = multi or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-  if not multi:
+  if not multi or jax.distributed.is_initialized():
     return False
   jax.distributed.initialize()
   return True

@@ -20,10 +20,13 @@ import numpy as np
 
 from moe_jax import agd, models
 from moe_jax.checkpoint import Checkpointer
+from moe_jax.config import MoEConfig
 from moe_jax.data import BatchIterator, make_source
 from moe_jax.metrics import Averager, Progress, SummaryWriter, format_duration
-from moe_jax.train_step import (MixedTasks, TrainState, init_params, make_eval_step,
-                                make_optimizer, make_train_step)
+from moe_jax.partitioning import check_mesh_fits, global_batch, mesh_from_config
+from moe_jax.sharding import DEFAULT_RULES, initialize_distributed
+from moe_jax.train_step import (MixedTasks, init_train_state, make_eval_step, make_optimizer,
+                                make_train_step, pin_state_sharding)
 
 log = logging.getLogger("moe_jax.train")
 MODES = ("agd", "mixed")
@@ -66,8 +69,11 @@ def _finite_or_raise(step: int, task_name: str, metrics: Mapping[str, float],
                         f"The last good checkpoint (step {last_checkpoint}) is untouched")
 
 
-def evaluate(eval_step, params, tasks, eval_iters, max_batches: int) -> dict[str, dict]:
-  """Mean metrics over up to `max_batches` eval batches of every task (+ zero-shot)."""
+def evaluate(eval_step, params, tasks, eval_iters, max_batches: int,
+             put=lambda batch: batch) -> dict[str, dict]:
+  """Mean metrics over up to `max_batches` eval batches of every task (+ zero-shot).
+
+  `put` turns a process-local batch into the global arrays the step takes."""
   results = {}
   for task in tasks:
     if task.name not in eval_iters:
@@ -77,6 +83,7 @@ def evaluate(eval_step, params, tasks, eval_iters, max_batches: int) -> dict[str
     for batch in eval_iters[task.name].epoch_batches():
       if n >= max_batches:
         break
+      batch = put(batch)
       metrics = eval_step(params, batch, task)
       if task.kind == "contrastive" and task.class_names and task.modalities[1] == "text":
         metrics = {**metrics, **eval_step(params, batch, task, zero_shot=True)}
@@ -88,34 +95,52 @@ def evaluate(eval_step, params, tasks, eval_iters, max_batches: int) -> dict[str
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the summary."""
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the summary.
+
+  `config.mesh` (data, fsdp, expert, model; all 1 = one device) lays the state and
+  batches out over devices; on multi-process launches every process runs this with
+  the same config and reads its own share of each batch.
+  """
+  initialize_distributed()
+  mesh = mesh_from_config(config.get("mesh"))
+  with jax.set_mesh(mesh):  # MoE layers read the expert axis from the mesh in context
+    return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   t_start = time.perf_counter()
   check_workdir(workdir)
   tcfg, seed = config.train, int(config.seed)
+  rules = tuple(config.get("logical_rules", DEFAULT_RULES))
   mode = config.agd.get("mode", "agd")
   if mode not in MODES:
     raise ValueError(f"agd.mode={mode!r} is not supported; allowed: {', '.join(MODES)}")
   tasks = agd.tasks_from_config(config.tasks, lambda spec, kw: make_source(spec, **kw))
   model = models.build_model(config.model)
+  moe_cfg = config.model.get("moe")
+  check_mesh_fits(mesh, MoEConfig(**moe_cfg).num_experts if moe_cfg else None,
+                  {t.name: t.batch_size for t in tasks}, rules)
   sampler = agd.TaskSampler(tasks, config.agd.get("sampler", "weighted"), seed)
   train_iters = {t.name: _iterator(t, t.source, seed + 1000 * i, True) for i, t in enumerate(tasks)}
   eval_iters = {t.name: _iterator(t, t.eval_source, seed, False) for t in tasks if t.eval_source}
+  put = lambda batch: global_batch(mesh, batch, rules)
 
   num_steps = int(tcfg.num_steps)
   tx = make_optimizer(config.optimizer, num_steps)
-  examples = {t.name: train_iters[t.name].batch_at(0) for t in tasks}
-  params = init_params(model, examples, tasks, seed)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     rng=jax.random.PRNGKey(seed + 1))
+  examples = {t.name: put(train_iters[t.name].batch_at(0)) for t in tasks}
+  state, state_shardings = init_train_state(model, tx, examples, tasks, seed, mesh, rules)
+  params = state.params
   n_params = sum(x.size for x in jax.tree.leaves(params))
   n_expert = sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
                  if "experts" in jax.tree_util.keystr(p))
+  mesh_str = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
   _say(f"model {config.model.get('name', 'imp')}: {n_params / 1e6:.2f}M parameters "
-       f"({n_expert / 1e6:.2f}M in experts); tasks: {', '.join(t.name for t in tasks)}")
+       f"({n_expert / 1e6:.2f}M in experts); tasks: {', '.join(t.name for t in tasks)}; "
+       f"mesh {mesh_str} ({mesh.size} device{'s' if mesh.size > 1 else ''})")
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tcfg.keep_checkpoints))
   start = ckpt.latest_step() or 0
-  if start:
+  if start:  # restored straight into this mesh's layout, whatever mesh wrote it
     state, data_state = ckpt.restore(start, state)
     for name, it in train_iters.items():
       it.set_state(data_state[name])
@@ -123,7 +148,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   last_checkpoint = start or None
 
   train_step, mixed_step = make_train_step(model, tx, float(config.get("aux_loss_weight", 1.0)))
-  step_cache = agd.StepCache(mixed_step if mode == "mixed" else train_step)
+  step_cache = agd.StepCache(pin_state_sharding(mixed_step if mode == "mixed" else train_step,
+                                                state_shardings))
   eval_step = make_eval_step(model)
   writer = SummaryWriter(workdir if tcfg.get("tensorboard", True) else None)
   averager, progress = Averager(), Progress(start, num_steps)
@@ -151,7 +177,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       else:
         task = sampler.task_at(step)
         name, batch = task.name, next(train_iters[task.name])
-      state, metrics = step_cache(state, batch, task)
+      state, metrics = step_cache(state, put(batch), task)
       drain()  # the previous step's metrics; this step is already queued
       pending = (step + 1, name, metrics)
       done = step + 1
@@ -169,7 +195,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         ckpt.save(done, state, {n: it.get_state() for n, it in train_iters.items()})
         last_checkpoint = done
       if eval_iters and (done % eval_every == 0 or done == num_steps):
-        results = evaluate(eval_step, state.params, tasks, eval_iters, eval_batches)
+        results = evaluate(eval_step, state.params, tasks, eval_iters, eval_batches, put)
         final = results if done == num_steps else None
         writer.scalars(done, {f"eval/{t}/{k}": v for t, m in results.items() for k, v in m.items()})
         for t, m in results.items():
@@ -182,12 +208,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     ckpt.close()
 
   if final is None:  # e.g. resumed from the final checkpoint: nothing ran
-    final = evaluate(eval_step, state.params, tasks, eval_iters, eval_batches)
+    final = evaluate(eval_step, state.params, tasks, eval_iters, eval_batches, put)
   summary = {
       "final_step": num_steps, "resumed_from": start or None, "mode": mode,
       "eval": final, "compile_seconds": step_cache.compile_seconds,
       "compiles": step_cache.compiles, "wall_time_s": time.perf_counter() - t_start,
-      "parameters": n_params, "train_history": history,
+      "parameters": n_params, "mesh": dict(mesh.shape), "train_history": history,
   }
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)

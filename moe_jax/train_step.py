@@ -13,9 +13,12 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax import losses
 from moe_jax.agd import Task
+from moe_jax.partitioning import state_shardings
+from moe_jax.sharding import DEFAULT_RULES
 
 RNG_STREAMS = ("dropout", "jitter", "droptoken")
 MOE_COLLECTIONS = [losses.AUX_LOSS_COLLECTION, losses.METRICS_COLLECTION]
@@ -113,6 +116,17 @@ def make_train_step(model, tx: optax.GradientTransformation, aux_loss_weight: fl
   return train_step, mixed_step
 
 
+def pin_state_sharding(step_fn, shardings):
+  """The step with its new state constrained to `shardings` (the old state's layout):
+  sharding propagation may otherwise pick another, and donation needs them equal."""
+
+  def step(state, batch, task):
+    state, metrics = step_fn(state, batch, task)
+    return jax.lax.with_sharding_constraint(state, shardings), metrics
+
+  return step
+
+
 @flax.struct.dataclass
 class MixedTasks:
   """All tasks at once (mixed-batch baseline); hashable so it can be a static jit arg."""
@@ -135,22 +149,48 @@ def make_eval_step(model):
   return jax.jit(eval_step, static_argnames=("task", "zero_shot"))
 
 
-def init_params(model, example_batches: Mapping[str, Any], tasks: Sequence[Task], seed: int):
-  """Parameters touched by any task: every task's init, deep-merged.
-
-  Flax derives each module's init rng from its path, so modules shared between
-  tasks (the encoder) get identical values from every task's init.
-  """
-
-  @jax.jit  # one compile for all tasks
+def _init_fn(model, tasks: Sequence[Task]):
   def init_all(rng, batches):
     merged: dict[str, Any] = {}
     for task in tasks:
       params = model.init(rng, batches[task.name], task=task)["params"]
       merged = _deep_merge(merged, flax.core.unfreeze(params))
     return merged
+  return init_all
 
+
+def init_params(model, example_batches: Mapping[str, Any], tasks: Sequence[Task], seed: int,
+                out_shardings: Any = None):
+  """Parameters touched by any task: every task's init, deep-merged, in one compile.
+
+  Flax derives each module's init rng from its path, so modules shared between
+  tasks (the encoder) get identical values from every task's init. With
+  `out_shardings`, each device computes only its own shards.
+  """
+  init_all = jax.jit(_init_fn(model, tasks), out_shardings=out_shardings)
   return init_all(jax.random.PRNGKey(seed), {t.name: example_batches[t.name] for t in tasks})
+
+
+def init_train_state(model, tx: optax.GradientTransformation, example_batches: Mapping[str, Any],
+                     tasks: Sequence[Task], seed: int, mesh, rules=DEFAULT_RULES):
+  """(state, state shardings) laid out on `mesh` (call under `jax.set_mesh(mesh)`).
+
+  eval_shape gives the shapes, the logical axis rules their shardings, and jit with
+  out_shardings builds every shard where it lives: full unsharded parameters or
+  optimizer state never exist on one device.
+  """
+  batches = {t.name: example_batches[t.name] for t in tasks}
+  rng = jax.random.PRNGKey(seed)
+  abstract = jax.eval_shape(_init_fn(model, tasks), rng, batches)
+  param_sh = state_shardings(mesh, abstract, rules)
+  params = init_params(model, batches, tasks, seed, out_shardings=param_sh)
+  opt_sh = state_shardings(mesh, jax.eval_shape(tx.init, abstract), rules)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+  rep = NamedSharding(mesh, P())
+  shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
+                     opt_state=opt_state, rng=jax.device_put(jax.random.PRNGKey(seed + 1), rep))
+  return state, shardings
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
