@@ -39,6 +39,7 @@ from moe_jax.routing import RoutingDecision, token_choice_capacity
 
 MODES = EXPERT_PARALLEL_MODES
 TOKEN_AXES = ("data", "fsdp", "expert")
+VMA_CLEAN = ("einsum", "sorted", "dense")  # plain-JAX dispatchers: shard_map type-checks them
 
 
 def expert_axis_size(mesh=None, expert_axis: str = "expert") -> int:
@@ -142,12 +143,13 @@ def expert_parallel_ffn(x_TD: jax.Array, decision: RoutingDecision, experts: Exp
     wanted = jax.lax.psum(valid_TK.sum(), token_axes)
     return y_TD, 1.0 - kept / jnp.maximum(wanted, 1)
 
-  # pallas_call's out_shape carries no varying-axes type yet, which check_vma needs;
-  # without the check, shard_map still psums the replicated weights' cotangents.
+  # Kernel-based dispatchers do not type their values' varying mesh axes yet (pallas_call
+  # out_shapes, loop carries started from fresh zeros), which check_vma needs; without
+  # the check, shard_map still psums the replicated weights' cotangents (tested).
   fn = jax.shard_map(local, mesh=mesh,
                      in_specs=(tok, tok, tok, tok, tok if has_priority else None,
                                w_spec, w_spec, w_spec if has_gate else None),
-                     out_specs=(tok, P()), check_vma=local_dispatch != "pallas")
+                     out_specs=(tok, P()), check_vma=local_dispatch in VMA_CLEAN)
   y_TD, dropped = fn(x_pad, dec.expert_index_TK, dec.weight_TK, dec.valid_TK(), dec.priority_T,
                      experts.w_up_EDF, experts.w_down_EFD, experts.w_gate_EDF)
   return y_TD[:T], dropped.astype(jnp.float32)

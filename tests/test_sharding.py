@@ -66,8 +66,9 @@ def _check_against_loop(fn, x, decision, experts, cot, keep=None):
 
 
 @needs_8
-@pytest.mark.parametrize("local", ["einsum", "sorted"])
-@pytest.mark.parametrize("mode", ["capacity", "dropless"])
+@pytest.mark.parametrize("mode, local", [("capacity", "einsum"), ("capacity", "sorted"),
+                                         ("dropless", "einsum"), ("dropless", "sorted"),
+                                         ("dropless", "tiled")])
 def test_expert_parallel_equals_loop_reference_outputs_and_gradients(mode, local):
   # T=60 does not split over 8 token shards: exercises the padding too.
   x, experts, decision, cot = _inputs(0, t=60)
