@@ -16,6 +16,10 @@ the timed calls of a row add up to --max_row_s). Variants:
   tokamax      as sorted, with tokamax.ragged_dot for the grouped matmuls (only
                when `import tokamax` works)
   megablox     as sorted, with the megablox Pallas gmm of jax.experimental (TPU only)
+  ep           expert parallel over all devices (--suite=ep), capacity mode, cf 1.25,
+               einsum local experts
+  ep_dropless  expert parallel, dropless mode (ragged_all_to_all on GPU/TPU, padded
+               all_to_all emulation on CPU), `auto` dispatcher local experts
 Modes: fwd (the forward) and fwd_bwd (value_and_grad of sum(y**2) w.r.t. x, the
 router weight and every expert weight). ratio_to_dense = dense_equiv ms / variant ms.
 
@@ -47,6 +51,7 @@ import jax.numpy as jnp
 
 from moe_jax.dispatch import CapacityOptions, get_dispatcher
 from moe_jax.expert_parallel import expert_parallel_ffn
+from moe_jax.ragged_exchange import ragged_supported
 from moe_jax.experts import ExpertWeights
 from moe_jax.routing import RoutingDecision, TopKRouter, token_choice_capacity
 from moe_jax.sharding import make_mesh
@@ -58,8 +63,8 @@ except Exception as e:  # pylint: disable=broad-except
   tokamax, TOKAMAX_ERROR = None, f"{type(e).__name__}: {e}"
 
 MODES = ("fwd", "fwd_bwd")
-VARIANTS = ("dense_equiv", "einsum", "sorted", "tiled", "pallas", "pallas_fused", "ep", "tokamax",
-            "megablox")
+VARIANTS = ("dense_equiv", "einsum", "sorted", "tiled", "pallas", "pallas_fused", "ep",
+            "ep_dropless", "tokamax", "megablox")
 EINSUM_GROUP_SIZE = 1024
 EINSUM_CAPACITY_FACTOR = 1.25
 
@@ -172,6 +177,13 @@ def moe_ep(s: Shape, x_TD, w_DE, experts) -> jax.Array:
   return y_TD
 
 
+def moe_ep_dropless(s: Shape, x_TD, w_DE, experts) -> jax.Array:
+  """Expert parallel, dropless: ragged exchange (emulated with a padded all_to_all on CPU)."""
+  y_TD, _ = expert_parallel_ffn(x_TD, route_top_k(x_TD, w_DE, s.K), experts, ep_mesh(s.E),
+                                mode="dropless", local_dispatch="auto")
+  return y_TD
+
+
 @flax.struct.dataclass
 class TokamaxExpertWeights(ExpertWeights):
   """ExpertWeights whose ragged (sorted-dispatch) path uses tokamax.ragged_dot."""
@@ -220,6 +232,7 @@ VARIANT_FNS = {
     "pallas": Variant(moe_inputs, functools.partial(moe_dispatch, "pallas")),
     "tiled": Variant(moe_inputs, functools.partial(moe_dispatch, "tiled")),
     "ep": Variant(moe_inputs, moe_ep),
+    "ep_dropless": Variant(moe_inputs, moe_ep_dropless),
     "pallas_fused": Variant(moe_inputs, functools.partial(moe_dispatch, "pallas", fused=True)),
     "tokamax": Variant(moe_inputs, moe_tokamax),
     "megablox": Variant(moe_inputs, moe_megablox),
@@ -346,25 +359,47 @@ def ep_shapes(kind: str) -> list[Shape]:
       Shape("ep_cpu", 2048, 256, 256, 8, 2)]
 
 
+def ep_bytes(s: Shape, mesh) -> dict[str, float]:
+  """MB one forward pass moves between devices (both exchanges, there and back).
+
+  capacity: each device sends the (N-1)/N of its [E, C, D] buffer held elsewhere.
+  dropless_emulated: the CPU fallback sends N blocks of M = T/n * min(K, L) rows.
+  dropless_ragged: what ragged_all_to_all moves, counted on this benchmark's routing
+  (slots whose expert sits on another device of the token's expert-axis group).
+  The backward pass moves the same again. bf16 rows of D values.
+  """
+  n, N = jax.device_count(), mesh.shape["expert"]
+  t, L, row = s.T // n, s.E // N, s.D * 2
+  C = token_choice_capacity(t, s.K, s.E, EINSUM_CAPACITY_FACTOR)
+  x_TD, w_DE, _ = moe_inputs(s, jax.random.key(0))  # the inputs the rows are timed on
+  index_TK = route_top_k(x_TD, w_DE, s.K).expert_index_TK
+  shard_T = jnp.arange(s.T) // t % N  # expert-axis position of each token's device
+  off_device = int(jnp.sum(index_TK // L != shard_T[:, None]))
+  return {"capacity": 2 * n * s.E * C * row * (N - 1) / N / 1e6,
+          "dropless_emulated": 2 * n * N * t * min(s.K, L) * row * (N - 1) / N / 1e6,
+          "dropless_ragged": 2 * off_device * row / 1e6, "C": C}
+
+
 def run_ep_suite(opts: Options) -> list[dict]:
-  """Expert-parallel layer vs the single-device einsum layer, with all_to_all bytes.
+  """Expert-parallel layer (capacity, dropless) vs single-device einsum and tiled, with
+  the bytes exchanged per MoE layer.
 
   On one host simulate devices: XLA_FLAGS=--xla_force_host_platform_device_count=8.
   """
-  opts = dataclasses.replace(opts, variants=["einsum", "ep"])
+  opts = dataclasses.replace(opts, variants=["einsum", "tiled", "ep", "ep_dropless"])
   rows = run_layer_suite(opts, ep_shapes(opts.shapes))
   for s in ep_shapes(opts.shapes):
     mesh = ep_mesh(s.E)
-    n, N = jax.device_count(), mesh.shape["expert"]
-    C = token_choice_capacity(s.T // n, s.K, s.E, EINSUM_CAPACITY_FACTOR)
-    # Each device sends the (N-1)/N of its [E, C, D] bf16 buffer held by other devices,
-    # once forward and once back; the backward pass repeats both.
-    per_pass = n * s.E * C * s.D * 2 * (N - 1) / N
-    print(f"{s.name}: mesh {dict(mesh.shape)}, C={C} per expert and device; all_to_all bytes "
-          f"per layer: fwd {2 * per_pass / 1e6:.1f} MB, fwd+bwd {4 * per_pass / 1e6:.1f} MB")
+    mb = ep_bytes(s, mesh)
+    print(f"{s.name}: mesh {dict(mesh.shape)}, C={mb['C']} per expert and device; MB exchanged "
+          f"per layer forward (x2 with backward): capacity {mb['capacity']:.1f}, dropless "
+          f"{mb['dropless_emulated']:.1f} as emulated on CPU, {mb['dropless_ragged']:.1f} "
+          "with ragged_all_to_all")
+    key = {"ep": "capacity", "ep_dropless": ("dropless_ragged" if ragged_supported()
+                                             else "dropless_emulated")}
     for r in rows:
-      if r["shape"] == s.name and r["variant"] == "ep":
-        r["all_to_all_mb"] = (2 if r["mode"] == "fwd" else 4) * per_pass / 1e6
+      if r["shape"] == s.name and r["variant"] in key:
+        r["all_to_all_mb"] = (1 if r["mode"] == "fwd" else 2) * mb[key[r["variant"]]]
   return rows
 
 
