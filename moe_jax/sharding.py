@@ -81,5 +81,15 @@ def initialize_distributed() -> bool:
   multi = multi or int(os.environ.get("SLURM_NTASKS", "1")) > 1
   if not multi or jax.distributed.is_initialized():
     return False
-  jax.distributed.initialize()
+  # JAX reads the coordinator from JAX_COORDINATOR_ADDRESS but the process count and
+  # id only from cluster managers (SLURM, Open MPI, TPU, k8s): take them from the
+  # environment too, for hand-launched multi-node jobs.
+  kwargs = {}
+  for arg, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    value = os.environ.get(env)
+    if value:
+      if not value.isdigit():
+        raise ValueError(f"{env}={value!r} must be a non-negative integer")
+      kwargs[arg] = int(value)
+  jax.distributed.initialize(**kwargs)
   return True
