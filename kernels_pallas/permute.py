@@ -60,6 +60,21 @@ def weighted_gather(src_SD: jax.Array, index_OJ: jax.Array, weight_OJ: jax.Array
   )(index_OJ.astype(jnp.int32), weight_OJ.astype(jnp.float32), src_SD)
 
 
+def weighted_gather_xla(src_SD: jax.Array, index_OJ: jax.Array, weight_OJ: jax.Array,
+                        **unused) -> jax.Array:
+  """The same weighted row gather in plain XLA (the `tiled` dispatcher's version)."""
+  del unused
+  S = src_SD.shape[0]
+  ok = (index_OJ >= 0) & (index_OJ < S)
+  rows = jnp.take(src_SD, jnp.clip(index_OJ, 0, S - 1), axis=0).astype(jnp.float32)
+  w = jnp.where(ok, weight_OJ.astype(jnp.float32), 0.0)
+  return jnp.einsum("OJD,OJ->OD", rows, w).astype(src_SD.dtype)
+
+
+# One function object per mode: custom_vjp's static args are compared by identity.
+_PALLAS_GATHER = {mode: functools.partial(weighted_gather, interpret=mode) for mode in (False, True)}
+
+
 def _row_token_R1(layout: TileLayout, slots_per_token: int) -> jax.Array:
   """Token of each padded row's slot, -1 on padding rows."""
   slot = layout.row_slot_R
@@ -67,20 +82,19 @@ def _row_token_R1(layout: TileLayout, slots_per_token: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _permute(x_TD, layout, slots_per_token, interpret):
+def _permute(x_TD, layout, slots_per_token, gather):
   index = _row_token_R1(layout, slots_per_token)
-  return weighted_gather(x_TD, index, jnp.ones(index.shape, jnp.float32), interpret=interpret)
+  return gather(x_TD, index, jnp.ones(index.shape, jnp.float32))
 
 
-def _permute_fwd(x_TD, layout, slots_per_token, interpret):
-  return _permute(x_TD, layout, slots_per_token, interpret), layout
+def _permute_fwd(x_TD, layout, slots_per_token, gather):
+  return _permute(x_TD, layout, slots_per_token, gather), layout
 
 
-def _permute_bwd(slots_per_token, interpret, layout, d_RD):
+def _permute_bwd(slots_per_token, gather, layout, d_RD):
   # Each token's gradient is the sum of its K rows: the combine gather with weight 1.
   index_TK = layout.slot_row_X.reshape(-1, slots_per_token)
-  d_TD = weighted_gather(d_RD, index_TK, jnp.ones(index_TK.shape, jnp.float32),
-                         interpret=interpret)
+  d_TD = gather(d_RD, index_TK, jnp.ones(index_TK.shape, jnp.float32))
   return d_TD, layout.zero_cotangent()
 
 
@@ -88,22 +102,22 @@ _permute.defvjp(_permute_fwd, _permute_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _combine(y_RD, layout, weight_TK, interpret):
+def _combine(y_RD, layout, weight_TK, gather):
   index_TK = layout.slot_row_X.reshape(weight_TK.shape)
-  return weighted_gather(y_RD, index_TK, weight_TK, interpret=interpret)
+  return gather(y_RD, index_TK, weight_TK)
 
 
-def _combine_fwd(y_RD, layout, weight_TK, interpret):
-  return _combine(y_RD, layout, weight_TK, interpret), (y_RD, layout, weight_TK)
+def _combine_fwd(y_RD, layout, weight_TK, gather):
+  return _combine(y_RD, layout, weight_TK, gather), (y_RD, layout, weight_TK)
 
 
-def _combine_bwd(interpret, res, d_TD):
+def _combine_bwd(gather, res, d_TD):
   y_RD, layout, weight_TK = res
   T, K = weight_TK.shape
   # Row r gets weight[slot] * d[token of slot]: the permute gather with per-row weights.
   slot_R = layout.row_slot_R
   w_R1 = jnp.where(slot_R >= 0, weight_TK.reshape(-1)[jnp.maximum(slot_R, 0)], 0.0)[:, None]
-  d_RD = weighted_gather(d_TD, _row_token_R1(layout, K), w_R1, interpret=interpret)
+  d_RD = gather(d_TD, _row_token_R1(layout, K), w_R1)
   # d weight[t, k] = <d[t], y[row of slot (t, k)]>: gather the K rows, row-wise dot.
   index_TK = layout.slot_row_X.reshape(T, K)
   used_TK = index_TK < y_RD.shape[0]
@@ -116,14 +130,21 @@ def _combine_bwd(interpret, res, d_TD):
 _combine.defvjp(_combine_fwd, _combine_bwd)
 
 
+def _gather_fn(interpret: bool | None, xla: bool):
+  if xla:
+    return weighted_gather_xla
+  return _PALLAS_GATHER[bool(default_interpret() if interpret is None else interpret)]
+
+
 def permute_tokens(x_TD: jax.Array, layout: TileLayout, slots_per_token: int,
-                   interpret: bool | None = None) -> jax.Array:
-  """[T, D] -> [R, D]: each padded row gets its slot's token (zeros on padding rows)."""
-  return _permute(x_TD, layout, slots_per_token,
-                  default_interpret() if interpret is None else interpret)
+                   interpret: bool | None = None, xla: bool = False) -> jax.Array:
+  """[T, D] -> [R, D]: each padded row gets its slot's token (zeros on padding rows).
+
+  xla=True runs the gathers in plain XLA (same custom_vjp: gathers both ways)."""
+  return _permute(x_TD, layout, slots_per_token, _gather_fn(interpret, xla))
 
 
 def unpermute_combine(y_RD: jax.Array, layout: TileLayout, weight_TK: jax.Array,
-                      interpret: bool | None = None) -> jax.Array:
+                      interpret: bool | None = None, xla: bool = False) -> jax.Array:
   """[R, D] -> [T, D]: y[t] = sum_k weight[t, k] * y_R[row of slot (t, k)] (unused: 0)."""
-  return _combine(y_RD, layout, weight_TK, default_interpret() if interpret is None else interpret)
+  return _combine(y_RD, layout, weight_TK, _gather_fn(interpret, xla))

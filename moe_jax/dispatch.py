@@ -21,6 +21,7 @@ With no slot over capacity, all give the numbers of a plain loop over experts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -157,11 +158,13 @@ def dense_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWe
 
 
 def tile_block_m(num_slots: int, num_experts: int, accelerator: bool) -> int:
-  """Row tile: 128 on accelerators; on CPU about the mean group size (less padding)."""
+  """Row tile: 128 on accelerators. On CPU (a loop over used tiles) about a quarter of
+  the mean group size, 16..128: padding stays small and each dot stays big enough
+  (measured 2026-11-30 at the three CPU bench shapes: kernels_pallas/NOTES.md)."""
   if accelerator:
     return 128
-  mean = max(1, num_slots // max(num_experts, 1))
-  return min(128, max(8, 1 << (mean - 1).bit_length()))
+  quarter = max(1, num_slots // max(num_experts, 1) // 4)
+  return min(128, max(16, 1 << (quarter.bit_length() - 1)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,13 +173,16 @@ class TileOps:
 
   matmul(lhs_RK, rhs_EKN, layout) -> [R, N]; permute(x_TD, layout, K) -> [R, D];
   combine(y_RD, layout, weight_TK) -> [T, D]; swiglu(x_RD, w_gate, w_up, layout) -> [R, F]
-  or None to run SwiGLU as one matmul against [w_gate | w_up] plus an XLA epilogue.
+  or None to run SwiGLU as one matmul against [w_gate | w_up] plus an XLA epilogue;
+  swiglu_ffn(x_RD, w_gate, w_up, w_down, layout) -> [R, D], the whole SwiGLU expert FFN
+  in one op (None: composed from the others).
   """
 
   matmul: Callable[..., jax.Array]
   permute: Callable[..., jax.Array]
   combine: Callable[..., jax.Array]
   swiglu: Callable[..., jax.Array] | None = None
+  swiglu_ffn: Callable[..., jax.Array] | None = None
 
 
 def decision_layout(decision: RoutingDecision, num_experts: int, block_m: int):
@@ -201,6 +207,9 @@ def _tile_padded_ffn(x_TD: jax.Array, decision: RoutingDecision, experts: Expert
   K = decision.expert_index_TK.shape[1]
   layout = decision_layout(decision, experts.num_experts, block_m)
   x_RD = ops.permute(x_TD, layout, K)
+  if experts.w_gate_EDF is not None and ops.swiglu_ffn is not None:
+    y_RD = ops.swiglu_ffn(x_RD, experts.w_gate_EDF, experts.w_up_EDF, experts.w_down_EFD, layout)
+    return _combined(ops, y_RD, layout, decision, x_TD.dtype)
   if experts.w_gate_EDF is not None and ops.swiglu is not None:
     h_RF = ops.swiglu(x_RD, experts.w_gate_EDF, experts.w_up_EDF, layout)
   elif experts.w_gate_EDF is not None:
@@ -211,8 +220,12 @@ def _tile_padded_ffn(x_TD: jax.Array, decision: RoutingDecision, experts: Expert
   else:
     h_RF = jax.nn.gelu(ops.matmul(x_RD, experts.w_up_EDF, layout))
   y_RD = ops.matmul(h_RF.astype(experts.w_down_EFD.dtype), experts.w_down_EFD, layout)
+  return _combined(ops, y_RD, layout, decision, x_TD.dtype)
+
+
+def _combined(ops: TileOps, y_RD, layout, decision: RoutingDecision, dtype):
   weight_TK = jnp.where(decision.valid_TK(), decision.weight_TK, 0.0)
-  y_TD = ops.combine(y_RD, layout, weight_TK).astype(x_TD.dtype)
+  y_TD = ops.combine(y_RD, layout, weight_TK).astype(dtype)
   return y_TD, {"dropped_fraction": jnp.zeros((), jnp.float32)}
 
 
@@ -234,12 +247,23 @@ def pallas_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertW
 def tiled_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,
                    capacity: CapacityOptions | None = None,
                    block_m: int | None = None) -> tuple[jax.Array, Metrics]:
-  """Dropless in plain XLA: the same tile-padded layout, per-tile gathered weights, one
-  batched matmul. The fastest dropless path on CPU (no Pallas, no ragged_dot)."""
+  """Dropless in plain XLA over the same tile-padded layout (no Pallas, no ragged_dot).
+
+  On CPU the expert FFN is one while loop over the used tiles (f32 dots, weights read in
+  place: kernels_pallas/tile_loop.py); elsewhere each tile's weights are gathered and
+  one batched matmul runs (tile_gather.py). Permute and combine are gathers both ways.
+  """
   del capacity  # dropless
-  from kernels_pallas import tile_gather, tiling  # pylint: disable=import-outside-toplevel
-  block_m = block_m or tile_block_m(decision.expert_index_TK.size, experts.num_experts, False)
-  ops = TileOps(tile_gather.tile_gather_matmul, tiling.permute, tiling.combine)
+  # pylint: disable=import-outside-toplevel
+  from kernels_pallas import permute, tile_gather, tile_loop
+  cpu = jax.default_backend() == "cpu"
+  block_m = block_m or tile_block_m(decision.expert_index_TK.size, experts.num_experts, not cpu)
+  gathers = dict(permute=functools.partial(permute.permute_tokens, xla=True),
+                 combine=functools.partial(permute.unpermute_combine, xla=True))
+  if cpu:
+    ops = TileOps(tile_loop.tile_loop_matmul, swiglu_ffn=tile_loop.tile_loop_swiglu_ffn, **gathers)
+  else:
+    ops = TileOps(tile_gather.tile_gather_matmul, **gathers)
   return _tile_padded_ffn(x_TD, decision, experts, ops, block_m)
 
 
