@@ -37,6 +37,8 @@ class TrainingError(RuntimeError):
 
 
 def _say(msg: str) -> None:
+  if jax.process_index():  # multi-process: one console, process 0's
+    return
   print(msg, flush=True)
   log.info(msg)
 
@@ -44,7 +46,7 @@ def _say(msg: str) -> None:
 def check_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -151,7 +153,8 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   step_cache = agd.StepCache(pin_state_sharding(mixed_step if mode == "mixed" else train_step,
                                                 state_shardings))
   eval_step = make_eval_step(model)
-  writer = SummaryWriter(workdir if tcfg.get("tensorboard", True) else None)
+  lead = jax.process_index() == 0  # writes events and summary.json
+  writer = SummaryWriter(workdir if tcfg.get("tensorboard", True) and lead else None)
   averager, progress = Averager(), Progress(start, num_steps)
   log_every, eval_every = int(tcfg.log_every), int(tcfg.eval_every)
   ckpt_every, eval_batches = int(tcfg.checkpoint_every), int(tcfg.eval_batches)
@@ -215,8 +218,9 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       "compiles": step_cache.compiles, "wall_time_s": time.perf_counter() - t_start,
       "parameters": n_params, "mesh": dict(mesh.shape), "train_history": history,
   }
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  if lead:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
   _say(f"done in {format_duration(summary['wall_time_s'])}; compile seconds per task: "
        + ", ".join(f"{k}={v:.1f}" for k, v in step_cache.compile_seconds.items()))
   return summary
