@@ -14,6 +14,10 @@ Results (2 CPU cores, 2026-11-30; 7 min 22 s wall, 2000 steps), held-out:
   image_cls accuracy 0.963, video_cls accuracy 0.786,
   audio_cls accuracy 1.000, image_text zero-shot 0.966,
   audio_text zero-shot 1.000 (chance 0.100 for all).
+On 8 simulated devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, add
+--config.mesh.data=2 --config.mesh.expert=4; same 2 cores, 2026-11-30): 9 min 47 s,
+image_cls 0.975, video_cls 0.812, audio_cls 1.000, image_text zero-shot 0.959,
+audio_text zero-shot 1.000.
 """
 import ml_collections
 
