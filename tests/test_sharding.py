@@ -31,6 +31,13 @@ def test_mesh_shape_and_errors():
     make_mesh({"data": 8, "model": 0})
 
 
+def test_initialize_distributed_rejects_a_bad_process_id(monkeypatch):
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+  monkeypatch.setenv("JAX_PROCESS_ID", "first")
+  with pytest.raises(ValueError, match=r"JAX_PROCESS_ID='first' must be a non-negative integer"):
+    initialize_distributed()
+
+
 def test_logical_rules_and_single_host_init():
   assert logical_to_spec(("batch", None, "embed")) == P(("data", "fsdp", "expert"), None, "fsdp")
   with pytest.raises(ValueError, match="logical axis 'time' has no rule"):
