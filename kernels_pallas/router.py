@@ -93,17 +93,20 @@ def _router_call(logits_TE, *, k: int, renormalize: bool, block_t: int, interpre
   index, weight, rank, counts = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((T, k), jnp.int32), jax.ShapeDtypeStruct((T, k), jnp.float32),
-                 jax.ShapeDtypeStruct((T, k), jnp.int32), jax.ShapeDtypeStruct((B, E), jnp.int32)),
+                 jax.ShapeDtypeStruct((T, k), jnp.int32),
+                 # [B, 1, E]: a (1, E) block equals the array's last two dims (Mosaic's rule)
+                 jax.ShapeDtypeStruct((B, 1, E), jnp.int32)),
       grid=(B,),
       in_specs=[pl.BlockSpec((block_t, E), lambda b: (b, 0))],
       out_specs=(pl.BlockSpec((block_t, k), lambda b: (b, 0)),
                  pl.BlockSpec((block_t, k), lambda b: (b, 0)),
                  pl.BlockSpec((block_t, k), lambda b: (b, 0)),
-                 pl.BlockSpec((1, E), lambda b: (b, 0))),
+                 pl.BlockSpec((None, 1, E), lambda b: (b, 0, 0))),
       interpret=interpret,
       compiler_params=compiler_params(),
       name="moe_top_k_router",
   )(logits_TE)
+  counts = counts.reshape(B, E)
   # Phase 2: block offsets (exclusive cumsum of counts) -> positions inside each group.
   offsets_BE = jnp.cumsum(counts, axis=0) - counts
   offset_TK = jnp.take_along_axis(jnp.repeat(offsets_BE, block_t, axis=0), index, axis=1)

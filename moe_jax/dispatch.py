@@ -229,19 +229,31 @@ def _combined(ops: TileOps, y_RD, layout, decision: RoutingDecision, dtype):
   return y_TD, {"dropped_fraction": jnp.zeros((), jnp.float32)}
 
 
+def pallas_tile_ops(platform: str) -> TileOps:
+  """The kernels_pallas ops for a platform. GPU (and CPU, in interpret mode): Triton-style
+  kernels incl. the permute/combine gathers and the fused SwiGLU gmm. TPU: the Mosaic
+  grouped matmul (scalar-prefetched tile->expert map) with XLA gathers for permute and
+  combine (row gathers by a vector of indices do not map onto Mosaic blocks)."""
+  # pylint: disable=import-outside-toplevel
+  from kernels_pallas import gmm, gmm_tpu, permute, swiglu
+  if platform == "tpu":
+    return TileOps(gmm_tpu.grouped_matmul_tpu,
+                   functools.partial(permute.permute_tokens, xla=True),
+                   functools.partial(permute.unpermute_combine, xla=True))
+  return TileOps(gmm.grouped_matmul, permute.permute_tokens, permute.unpermute_combine,
+                 swiglu.grouped_swiglu)
+
+
 def pallas_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,
                     capacity: CapacityOptions | None = None,
                     block_m: int | None = None) -> tuple[jax.Array, Metrics]:
-  """Dropless with the kernels_pallas kernels: permute, grouped matmul with the fused
-  SwiGLU epilogue, unpermute+combine (interpret mode on CPU: correct but slow there)."""
+  """Dropless with the kernels_pallas kernels: permute, grouped matmul (with the fused
+  SwiGLU epilogue on GPU), unpermute+combine. Interpret mode on CPU: correct but slow."""
   del capacity  # dropless
-  # pylint: disable=import-outside-toplevel
-  from kernels_pallas import gmm, permute, swiglu
+  platform = jax.default_backend()
   block_m = block_m or tile_block_m(decision.expert_index_TK.size, experts.num_experts,
-                                    jax.default_backend() != "cpu")
-  ops = TileOps(gmm.grouped_matmul, permute.permute_tokens, permute.unpermute_combine,
-                swiglu.grouped_swiglu)
-  return _tile_padded_ffn(x_TD, decision, experts, ops, block_m)
+                                    platform != "cpu")
+  return _tile_padded_ffn(x_TD, decision, experts, pallas_tile_ops(platform), block_m)
 
 
 def tiled_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,
