@@ -56,7 +56,7 @@ def layouts(draw):
   return E, X, bm, expert, valid, seed
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(layouts(), st.sampled_from([jnp.float32, jnp.bfloat16]))
 def test_gmm_and_tgmm_match_reference(case, dtype):
   E, X, bm, expert, valid, seed = case
@@ -165,7 +165,7 @@ def test_layout_from_router_positions_equals_sorted_layout():
     np.testing.assert_array_equal(a, b)
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(layouts(), st.sampled_from([jnp.float32, jnp.bfloat16]))
 def test_permute_kernels_match_xla_gathers_with_gradients(case, dtype):
   from kernels_pallas.permute import permute_tokens, unpermute_combine
@@ -260,7 +260,7 @@ def test_every_kernel_lowers_for_triton_and_mosaic(capsys):
   assert check_lowering.main() == 0, capsys.readouterr().out
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(layouts())
 def test_tile_loop_matmul_and_ffn_match_reference_with_gradients(case):
   """The CPU while-loop path: matmul and the fused SwiGLU FFN, outputs and all gradients."""
@@ -289,7 +289,7 @@ def test_tile_loop_matmul_and_ffn_match_reference_with_gradients(case):
     np.testing.assert_allclose(a, b, **tol)
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(layouts())
 def test_tpu_grouped_matmul_matches_reference_with_gradients(case):
   """The Mosaic (TPU) formulation, in interpret mode: outputs, d lhs, d rhs; empty experts
