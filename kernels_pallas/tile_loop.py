@@ -34,6 +34,28 @@ def _expert(w, e):
   return jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
 
 
+def _zeros(shape, *likes) -> jax.Array:
+  """f32 zeros that vary over the same mesh axes as `likes` (inside jax.shard_map a loop
+  carry must keep its varying-axes type; fresh jnp.zeros would vary over none)."""
+  z = jnp.zeros(shape, jnp.float32)
+  for a in likes:
+    z = z + jnp.zeros_like(a.reshape(-1)[:1], jnp.float32).reshape(())
+  return z
+
+
+def _varying(a) -> frozenset:
+  mat = getattr(jax.typeof(a), "manual_axis_type", None)
+  return getattr(mat, "varying", None) or frozenset()
+
+
+def _like_primal(ct: jax.Array, primal: jax.Array) -> jax.Array:
+  """Sum a cotangent over the mesh axes it varies over but its primal does not: inside
+  jax.shard_map autodiff does this for plain JAX code; a custom_vjp has to do it itself
+  (e.g. replicated expert weights get the psum of every data shard's gradient)."""
+  extra = tuple(sorted(_varying(ct) - _varying(primal)))
+  return (jax.lax.psum(ct, extra) if extra else ct).astype(primal.dtype)
+
+
 def _num_used_tiles(layout: TileLayout) -> jax.Array:
   return jnp.sum(layout.tile_expert_I >= 0)  # used tiles come first (experts in order)
 
@@ -49,7 +71,7 @@ def _forward(lhs_RK, rhs_EKN, layout, transpose_rhs: bool):
     y = jax.lax.dot_general(_tile(lhs, i, m), _expert(rhs, layout.tile_expert_I[i]), dims)
     return jax.lax.dynamic_update_slice_in_dim(out, y, i * m, 0)
 
-  out = jnp.zeros((lhs_RK.shape[0], n), jnp.float32)  # unused tiles stay zero
+  out = _zeros((lhs_RK.shape[0], n), lhs, rhs, layout.tile_expert_I)  # unused tiles stay 0
   return jax.lax.fori_loop(0, _num_used_tiles(layout), body, out).astype(lhs_RK.dtype)
 
 
@@ -62,7 +84,8 @@ def _weight_grad(lhs_RK, grad_RN, layout, num_experts: int):
     g = jax.lax.dot_general(_tile(lhs, i, m), _tile(grad, i, m), (((0,), (0,)), ((), ())))
     return jax.lax.dynamic_update_index_in_dim(d_w, _expert(d_w, e) + g, e, 0)
 
-  d_w = jnp.zeros((num_experts, lhs_RK.shape[1], grad_RN.shape[1]), jnp.float32)
+  d_w = _zeros((num_experts, lhs_RK.shape[1], grad_RN.shape[1]), lhs, grad,
+               layout.tile_expert_I)
   return jax.lax.fori_loop(0, _num_used_tiles(layout), body, d_w)
 
 
@@ -78,9 +101,9 @@ def _fwd(lhs_RK, rhs_EKN, layout):
 
 def _bwd(res, d_out_RN):
   lhs_RK, rhs_EKN, layout = res
-  d_lhs = _forward(d_out_RN, rhs_EKN, layout, transpose_rhs=True).astype(lhs_RK.dtype)
-  d_rhs = _weight_grad(lhs_RK, d_out_RN, layout, rhs_EKN.shape[0]).astype(rhs_EKN.dtype)
-  return d_lhs, d_rhs, layout.zero_cotangent()
+  d_lhs = _forward(d_out_RN, rhs_EKN, layout, transpose_rhs=True)
+  d_rhs = _weight_grad(lhs_RK, d_out_RN, layout, rhs_EKN.shape[0])
+  return (_like_primal(d_lhs, lhs_RK), _like_primal(d_rhs, rhs_EKN), layout.zero_cotangent())
 
 
 tile_loop_matmul.defvjp(_fwd, _bwd)
@@ -111,7 +134,7 @@ def _ffn_forward(x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout):
 
     return jax.lax.fori_loop(layout.tile_start_E[e], layout.tile_end_E[e], tile, carry)
 
-  zeros = lambda n: jnp.zeros((R, n), jnp.float32)  # rows of unused tiles stay zero
+  zeros = lambda n: _zeros((R, n), x, wg, wu, wd, layout.tile_expert_I)  # unused rows: 0
   return jax.lax.fori_loop(0, E, expert, (zeros(x_RD.shape[1]), zeros(F), zeros(F)))
 
 
@@ -134,6 +157,7 @@ def _ffn_bwd(res, d_y_RD):
   weights = [w.astype(jnp.float32) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
   wg_t, wu_t, wd_t = (jnp.swapaxes(w, 1, 2) for w in weights)  # once, outside the loop
   tn = (((0,), (0,)), ((), ()))  # a^T @ b
+  likes = (x, dy, g, u, *weights, layout.tile_expert_I)
 
   def expert(e, carry):
     dx, d_wg, d_wu, d_wd = carry
@@ -148,17 +172,17 @@ def _ffn_bwd(res, d_y_RD):
       return (dx, acc_g + jax.lax.dot_general(x_t, dg_t, tn),
               acc_u + jax.lax.dot_general(x_t, du_t, tn), acc_d)
 
-    acc = tuple(jnp.zeros(w.shape[1:], jnp.float32) for w in weights)
+    acc = tuple(_zeros(w.shape[1:], *likes) for w in weights)
     dx, acc_g, acc_u, acc_d = jax.lax.fori_loop(layout.tile_start_E[e], layout.tile_end_E[e],
                                                 tile, (dx,) + acc)
     put = lambda buf, a: jax.lax.dynamic_update_index_in_dim(buf, a, e, 0)
     return dx, put(d_wg, acc_g), put(d_wu, acc_u), put(d_wd, acc_d)
 
-  init = (jnp.zeros(x.shape, jnp.float32),) + tuple(jnp.zeros(w.shape, jnp.float32)
+  init = (_zeros(x.shape, *likes),) + tuple(_zeros(w.shape, *likes)
                                                     for w in weights)
   dx, d_wg, d_wu, d_wd = jax.lax.fori_loop(0, w_up_EDF.shape[0], expert, init)
-  return (dx.astype(x_RD.dtype), d_wg.astype(w_gate_EDF.dtype), d_wu.astype(w_up_EDF.dtype),
-          d_wd.astype(w_down_EFD.dtype), layout.zero_cotangent())
+  return (_like_primal(dx, x_RD), _like_primal(d_wg, w_gate_EDF), _like_primal(d_wu, w_up_EDF),
+          _like_primal(d_wd, w_down_EFD), layout.zero_cotangent())
 
 
 tile_loop_swiglu_ffn.defvjp(_ffn_fwd, _ffn_bwd)

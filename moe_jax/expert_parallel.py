@@ -39,7 +39,9 @@ from moe_jax.routing import RoutingDecision, token_choice_capacity
 
 MODES = EXPERT_PARALLEL_MODES
 TOKEN_AXES = ("data", "fsdp", "expert")
-VMA_CLEAN = ("einsum", "sorted", "dense")  # plain-JAX dispatchers: shard_map type-checks them
+# Dispatchers whose values carry their varying mesh axes, so shard_map type-checks them
+# (tiled's loops build their carries with zeros_like and psum their custom cotangents).
+VMA_CLEAN = ("einsum", "sorted", "dense", "tiled")
 
 
 def expert_axis_size(mesh=None, expert_axis: str = "expert") -> int:
@@ -143,9 +145,9 @@ def expert_parallel_ffn(x_TD: jax.Array, decision: RoutingDecision, experts: Exp
     wanted = jax.lax.psum(valid_TK.sum(), token_axes)
     return y_TD, 1.0 - kept / jnp.maximum(wanted, 1)
 
-  # Kernel-based dispatchers do not type their values' varying mesh axes yet (pallas_call
-  # out_shapes, loop carries started from fresh zeros), which check_vma needs; without
-  # the check, shard_map still psums the replicated weights' cotangents (tested).
+  # pallas (and auto, which may pick it) do not type their values' varying mesh axes yet
+  # (pallas_call out_shapes carry none), which check_vma needs; without the check,
+  # shard_map still psums the replicated weights' cotangents (tested).
   fn = jax.shard_map(local, mesh=mesh,
                      in_specs=(tok, tok, tok, tok, tok if has_priority else None,
                                w_spec, w_spec, w_spec if has_gate else None),
