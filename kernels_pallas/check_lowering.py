@@ -42,7 +42,7 @@ def cuda_kernels(E=8, X=3000, D=256, F=384, T=1500, K=2, bm=128):
       ("gmm", gmm(), (bf(R, D), bf(E, D, F), L.tile_expert_I)),
       ("gmm transposed", gmm(transpose_rhs=True), (bf(R, F), bf(E, D, F), L.tile_expert_I)),
       ("tgmm", lambda a, g, s, e: G.tgmm(a, g, s, e, num_experts=E, block_m=bm,
-                                         **{**G.TILES, "block_k": 128}),
+                                         **G.TGMM_TILES),
        (bf(R, D), bf(R, F), L.tile_start_E, L.tile_end_E)),
       ("gmm + fused swiglu", lambda a, wg, wu, t: swiglu.gmm_swiglu(a, wg, wu, t, block_m=bm,
                                                                     **G.TILES),

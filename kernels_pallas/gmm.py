@@ -32,6 +32,8 @@ def _tiles_from_env() -> dict:
 
 
 TILES = _tiles_from_env()
+# tgmm: K block 128 (unmeasured on GPU; bench_gmm --sweep is where to set it from).
+TGMM_TILES = {**TILES, "block_k": 128}
 
 
 def default_interpret() -> bool:
@@ -171,7 +173,7 @@ def _bwd(interpret, res, d_out_RN):
               transpose_rhs=True, interpret=interpret, **TILES)
   d_rhs = tgmm(lhs_RK, d_out_RN, layout.tile_start_E, layout.tile_end_E,
                num_experts=rhs_EKN.shape[0], block_m=layout.block_m, interpret=interpret,
-               **{**TILES, "block_k": 128})
+               **TGMM_TILES)
   return d_lhs, d_rhs.astype(rhs_EKN.dtype), layout.zero_cotangent()
 
 

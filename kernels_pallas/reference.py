@@ -44,3 +44,24 @@ def top_k_router_reference(logits_TE, k: int, renormalize: bool = True):
       seen[e] = seen.get(e, 0) + 1
   counts = np.bincount(idx.reshape(-1), minlength=logits_TE.shape[1])
   return index, weight, position, counts
+
+
+def permute_reference(x_TD, layout, slots_per_token: int):
+  """[T, D] -> [R, D]: each padded row gets its slot's token (zeros for padding)."""
+  src = jnp.maximum(layout.row_slot_R, 0) // slots_per_token
+  rows = jnp.take(x_TD, src, axis=0)
+  return jnp.where((layout.row_slot_R >= 0)[:, None], rows, jnp.zeros((), x_TD.dtype))
+
+
+def unpermute_reference(y_RD, layout):
+  """[R, D] -> [X, D]: each slot's row (zeros for unused slots)."""
+  used = layout.slot_row_X < layout.num_rows
+  rows = jnp.take(y_RD, jnp.minimum(layout.slot_row_X, layout.num_rows - 1), axis=0)
+  return jnp.where(used[:, None], rows, jnp.zeros((), y_RD.dtype))
+
+
+def combine_reference(y_RD, layout, weight_TK):
+  """[R, D] -> [T, D]: y[t] = sum_k weight[t, k] * y_R[row of slot (t, k)] (a take per slot)."""
+  T, K = weight_TK.shape
+  y_TKD = unpermute_reference(y_RD, layout).reshape(T, K, -1)
+  return jnp.einsum("TKD,TK->TD", y_TKD, weight_TK.astype(y_RD.dtype))

@@ -106,7 +106,7 @@ def _bwd(interpret, res, d_h):
                  **G.TILES).astype(jnp.float32)
            + G.gmm(d_up, w_up_EDF, layout.tile_expert_I, transpose_rhs=True, **common,
                    **G.TILES).astype(jnp.float32))
-  tg = dict(num_experts=w_gate_EDF.shape[0], **common, **{**G.TILES, "block_k": 128})
+  tg = dict(num_experts=w_gate_EDF.shape[0], **common, **G.TGMM_TILES)
   d_wg = G.tgmm(lhs_RD, d_gate, layout.tile_start_E, layout.tile_end_E, **tg)
   d_wu = G.tgmm(lhs_RD, d_up, layout.tile_start_E, layout.tile_end_E, **tg)
   return (d_lhs.astype(lhs_RD.dtype), d_wg.astype(w_gate_EDF.dtype), d_wu.astype(w_up_EDF.dtype),

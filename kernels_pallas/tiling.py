@@ -5,8 +5,8 @@ Axis letters: T tokens, K slots per token, X = T*K slots, E experts, R padded ro
 I row tiles, D model dim.
 
 The layout is index arithmetic in plain JAX (argsort, bincount, cumsum; or, from the
-fused router's in-group positions, cumsum and a scatter without any sort); moving
-the rows is a gather both ways, whose gradients are scatter-adds (no one-hot).
+fused router's in-group positions, cumsum and a scatter without any sort). Moving the
+rows is permute.py (gathers both ways); plain-JAX references are in reference.py.
 """
 from __future__ import annotations
 
@@ -85,24 +85,3 @@ def layout_from_ranks(expert_X: jax.Array, rank_X: jax.Array, counts_E: jax.Arra
   owner_I = jnp.sum(tile_end_E[None, :] <= tiles[:, None], axis=1).astype(jnp.int32)
   tile_expert_I = jnp.where(owner_I < E, owner_I, -1)
   return TileLayout(row_slot_R, slot_row_X, tile_expert_I, tile_start_E, tile_end_E, block_m)
-
-
-def permute(x_TD: jax.Array, layout: TileLayout, slots_per_token: int) -> jax.Array:
-  """[T, D] -> [R, D]: each padded row gets its slot's token (zeros for padding)."""
-  src = jnp.maximum(layout.row_slot_R, 0) // slots_per_token
-  rows = jnp.take(x_TD, src, axis=0)
-  return jnp.where((layout.row_slot_R >= 0)[:, None], rows, jnp.zeros((), x_TD.dtype))
-
-
-def unpermute(y_RD: jax.Array, layout: TileLayout) -> jax.Array:
-  """[R, D] -> [X, D]: each slot's row (zeros for unused slots)."""
-  used = layout.slot_row_X < layout.num_rows
-  rows = jnp.take(y_RD, jnp.minimum(layout.slot_row_X, layout.num_rows - 1), axis=0)
-  return jnp.where(used[:, None], rows, jnp.zeros((), y_RD.dtype))
-
-
-def combine(y_RD: jax.Array, layout: TileLayout, weight_TK: jax.Array) -> jax.Array:
-  """[R, D] -> [T, D]: y[t] = sum_k weight[t, k] * y_R[row of slot (t, k)] (plain XLA)."""
-  T, K = weight_TK.shape
-  y_TKD = unpermute(y_RD, layout).reshape(T, K, -1)
-  return jnp.einsum("TKD,TK->TD", y_TKD, weight_TK.astype(y_RD.dtype))

@@ -132,18 +132,26 @@ def sorted_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertW
   """Dropless: sort slots by expert, one ragged grouped matmul, unsort, combine."""
   del capacity  # dropless
   _check_inputs(x_TD, decision, experts)
-  T, D = x_TD.shape
   K = decision.expert_index_TK.shape[1]
   order_X, group_sizes_E, valid_X = sort_slots_by_expert(decision, experts.num_experts)
   x_XD = jnp.take(x_TD, order_X // K, axis=0)
   y_XD = experts.ragged(x_XD, group_sizes_E)
-  # Unused slots were sorted past the last group: zero them (their rows are unspecified).
-  y_XD = jnp.where(jnp.take(valid_X, order_X)[:, None], y_XD, 0)
-  inverse_X = jnp.zeros_like(order_X).at[order_X].set(jnp.arange(order_X.shape[0]))
-  y_TKD = jnp.take(y_XD, inverse_X, axis=0).reshape(T, K, D)
-  weight_TK = jnp.where(decision.valid_TK(), decision.weight_TK, 0.0).astype(x_TD.dtype)
-  y_TD = jnp.einsum("TKD,TK->TD", y_TKD, weight_TK)
+  y_TD = unsort_combine(y_XD, order_X, valid_X, decision.weight_TK, K)
   return y_TD, {"dropped_fraction": jnp.zeros((), jnp.float32)}
+
+
+def unsort_combine(y_XD: jax.Array, order_X: jax.Array, valid_X: jax.Array,
+                   weight_TK: jax.Array, K: int) -> jax.Array:
+  """Rows in expert-sorted slot order -> [T, D]: weighted sum over each token's K slots.
+
+  Unused slots were sorted past the last group: their rows are zeroed (unspecified).
+  """
+  X, D = y_XD.shape
+  y_XD = jnp.where(jnp.take(valid_X, order_X)[:, None], y_XD, jnp.zeros((), y_XD.dtype))
+  inverse_X = jnp.zeros_like(order_X).at[order_X].set(jnp.arange(X, dtype=order_X.dtype))
+  y_TKD = jnp.take(y_XD, inverse_X, axis=0).reshape(X // K, K, D)
+  w_TK = jnp.where(valid_X.reshape(-1, K), weight_TK, 0.0).astype(y_XD.dtype)
+  return jnp.einsum("TKD,TK->TD", y_TKD, w_TK)
 
 
 def dense_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,

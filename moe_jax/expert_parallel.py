@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from moe_jax import validation as V
 from moe_jax.config import EXPERT_PARALLEL_MODES
 from moe_jax.dispatch import (CapacityOptions, assign_capacity_slots, get_dispatcher,
-                              sort_slots_by_expert)
+                              sort_slots_by_expert, unsort_combine)
 from moe_jax.experts import ExpertWeights
 from moe_jax.ragged_exchange import ragged_exchange
 from moe_jax.routing import RoutingDecision, token_choice_capacity
@@ -82,16 +82,6 @@ def local_ffn(dispatch: str, x_RD: jax.Array, expert_R: jax.Array, valid_R: jax.
   # einsum: one group with C = R, so nothing is dropped (O(R^2) one-hots: a reference).
   roomy = CapacityOptions(capacity_factor=float(experts.num_experts), group_size=None)
   return get_dispatcher(dispatch)(x_RD, decision, experts, roomy)[0]
-
-
-def _combine(y_XD, order_X, valid_X, weight_TK, K):
-  """Slots back from expert order to token order, weighted sum over each token's K."""
-  X, D = y_XD.shape
-  y_XD = jnp.where(jnp.take(valid_X, order_X)[:, None], y_XD, jnp.zeros((), y_XD.dtype))
-  inverse_X = jnp.zeros_like(order_X).at[order_X].set(jnp.arange(X, dtype=order_X.dtype))
-  y_TKD = jnp.take(y_XD, inverse_X, axis=0).reshape(X // K, K, D)
-  w_TK = jnp.where(valid_X.reshape(-1, K), weight_TK, 0.0).astype(y_XD.dtype)
-  return jnp.einsum("TKD,TK->TD", y_TKD, w_TK)
 
 
 def _exclusive_cumsum(a, axis=0):
@@ -216,4 +206,4 @@ def _dropless_local(x_TD, decision, experts, E, N, expert_cap, dispatch, axis, r
   block_R = jnp.searchsorted(ends_Z, row_R, side="right")
   y_RD = local_ffn(dispatch, x_RD, block_R % L, row_R < ends_Z[-1], experts)
   y_XD = exchange(y_RD, t * K, recv_off_NN[:, me], recv_N, send_off_NN[:, me], send_N)
-  return _combine(y_XD, order_X, valid_X, decision.weight_TK, K), valid_X.sum()
+  return unsort_combine(y_XD, order_X, valid_X, decision.weight_TK, K), valid_X.sum()

@@ -7,8 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels_pallas.gmm import fit_block, gmm, grouped_matmul, tgmm
+from kernels_pallas.reference import combine_reference as combine
 from kernels_pallas.reference import gmm_reference, tgmm_reference
-from kernels_pallas.tiling import make_tile_layout, padded_rows, permute, unpermute
+from kernels_pallas.reference import permute_reference as permute
+from kernels_pallas.reference import unpermute_reference as unpermute
+from kernels_pallas.tiling import make_tile_layout, padded_rows
 
 INTERPRET = jax.default_backend() == "cpu"
 
@@ -169,7 +172,6 @@ def test_layout_from_router_positions_equals_sorted_layout():
 @given(layouts(), st.sampled_from([jnp.float32, jnp.bfloat16]))
 def test_permute_kernels_match_xla_gathers_with_gradients(case, dtype):
   from kernels_pallas.permute import permute_tokens, unpermute_combine
-  from kernels_pallas.tiling import combine
   E, X, bm, expert, valid, seed = case
   K = 2 if X % 2 == 0 else 1
   T = X // K
