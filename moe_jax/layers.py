@@ -25,7 +25,9 @@ class MoELayer(nn.Module):
     "aux_loss"/"moe": load_balance_weight * lb + z_loss_weight * z (sum all
       leaves of this collection into the task loss: `losses.sum_aux_losses`).
     "moe_metrics"/"moe": dict of raw losses and router metrics.
-  The jitter noise, when configured, draws from the "jitter" rng.
+  The jitter noise, when configured, draws from the "jitter" rng. `token_mask`
+  ([...], False = padding) keeps padding out of routing, capacity and aux losses;
+  padded positions come out 0 (plus shared experts).
   Under a mesh whose `expert` axis is > 1 (`jax.set_mesh`), the experts run
   expert-parallel (`cfg.expert_parallel`; `cfg.dispatch` computes the local experts).
   """
@@ -35,8 +37,8 @@ class MoELayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool = True,
-               condition: Any = None) -> jax.Array:
+  def __call__(self, x: jax.Array, *, deterministic: bool = True, condition: Any = None,
+               token_mask: jax.Array | None = None) -> jax.Array:
     cfg = self.config
     if not isinstance(cfg, MoEConfig):
       raise ValueError(f"MoELayer.config must be a MoEConfig, got {type(cfg).__name__}")
@@ -47,10 +49,14 @@ class MoELayer(nn.Module):
     if stored is not None and stored.shape[1] != D:
       raise ValueError(f"MoE input has model dim D={D} but the expert weights were "
                        f"built for D={stored.shape[1]}")
+    if token_mask is not None and token_mask.shape != x.shape[:-1]:
+      raise ValueError(f"MoELayer token_mask has shape {tuple(token_mask.shape)}; expected the "
+                       f"input's leading shape {tuple(x.shape[:-1])}")
     x_TD = x.reshape(-1, D)
     group_size = x.shape[-2] if cfg.sequence_groups and x.ndim >= 3 else cfg.group_size
-    decision = make_router(cfg, self.param_dtype, group_size)(x_TD, condition=condition,
-                                                              deterministic=deterministic)
+    decision = make_router(cfg, self.param_dtype, group_size)(
+        x_TD, condition=condition, deterministic=deterministic,
+        token_mask_T=None if token_mask is None else token_mask.reshape(-1))
     experts = ExpertBank(cfg.num_experts, cfg.expert_hidden_dim, cfg.activation, self.dtype,
                          self.param_dtype, name="experts")(D)
     capacity = CapacityOptions(cfg.capacity_factor_for(deterministic), group_size,

@@ -13,27 +13,37 @@ AUX_LOSS_COLLECTION = "aux_loss"  # weighted scalars; the trainer adds their sum
 METRICS_COLLECTION = "moe_metrics"  # raw per-layer losses and router metrics
 
 
-def load_balance_loss(probs_TE: jax.Array, assigned_TE: jax.Array) -> jax.Array:
+def token_mean(x_T: jax.Array, valid_T: jax.Array | None = None) -> jax.Array:
+  """Mean over the leading (token) axis, over valid tokens only when `valid_T` is given."""
+  if valid_T is None:
+    return x_T.mean(0)
+  w_T = valid_T.astype(x_T.dtype).reshape(valid_T.shape + (1,) * (x_T.ndim - 1))
+  return (x_T * w_T).sum(0) / jnp.maximum(w_T.sum(), 1.0)
+
+
+def load_balance_loss(probs_TE: jax.Array, assigned_TE: jax.Array,
+                      valid_T: jax.Array | None = None) -> jax.Array:
   """Switch-Transformer load-balancing loss E * sum_e f_e * P_e.
 
   f_e is the share of all token->expert assignments that went to expert e and
-  P_e the mean router probability of e. It is 1.0 for a perfectly uniform router
-  and grows to E when one expert takes everything.
+  P_e the mean router probability of e (over valid tokens; padding's rows of
+  `assigned_TE` must be 0). It is 1.0 for a perfectly uniform router and grows
+  to E when one expert takes everything.
   """
   num_experts = probs_TE.shape[-1]
   f_E = assigned_TE.sum(0) / jnp.maximum(assigned_TE.sum(), 1.0)
-  p_E = probs_TE.mean(0)
+  p_E = token_mean(probs_TE, valid_T)
   return num_experts * jnp.sum(f_E * p_E)
 
 
-def router_z_loss(logits_TE: jax.Array) -> jax.Array:
+def router_z_loss(logits_TE: jax.Array, valid_T: jax.Array | None = None) -> jax.Array:
   """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2; keeps logits small."""
-  return jnp.mean(jnp.square(jax.nn.logsumexp(logits_TE, axis=-1)))
+  return token_mean(jnp.square(jax.nn.logsumexp(logits_TE, axis=-1)), valid_T)
 
 
-def router_entropy(probs_TE: jax.Array) -> jax.Array:
+def router_entropy(probs_TE: jax.Array, valid_T: jax.Array | None = None) -> jax.Array:
   """Mean entropy (nats) of each token's routing distribution."""
-  return -jnp.mean(jnp.sum(probs_TE * jnp.log(jnp.maximum(probs_TE, 1e-30)), axis=-1))
+  return -token_mean(jnp.sum(probs_TE * jnp.log(jnp.maximum(probs_TE, 1e-30)), axis=-1), valid_T)
 
 
 def sum_aux_losses(collections: dict[str, Any]) -> jax.Array:

@@ -4,8 +4,10 @@ Axis letters: T tokens, D model dim, E experts, K slots per token,
 G groups, S tokens per group, C capacity per expert and group.
 
 Every router is a Linen module called as
-`router(x_TD, *, condition=None, deterministic) -> RoutingDecision` and computes
-its logits in float32 whatever the input dtype. Token-choice top-k gives every
+`router(x_TD, *, condition=None, deterministic, token_mask_T=None) -> RoutingDecision`
+and computes its logits in float32 whatever the input dtype. Tokens where
+`token_mask_T` is False (padding) get no expert, take no capacity and are left
+out of the aux losses and metrics. Token-choice top-k gives every
 token K slots; expert choice gives every expert C tokens per group, so a token
 may receive 0..E experts (K = E slots, unused ones masked out).
 """
@@ -97,6 +99,16 @@ def _router_logits(module: nn.Module, x_TD: jax.Array, num_experts: int, jitter:
   return jnp.einsum("TD,DE->TE", x_TD, w_DE.astype(jnp.float32))
 
 
+def _check_token_mask(token_mask_T: jax.Array | None, x_TD: jax.Array) -> jax.Array | None:
+  """The padding mask as float32 1/0 per token (None = every token is real)."""
+  if token_mask_T is None:
+    return None
+  if token_mask_T.shape != x_TD.shape[:1]:
+    raise ValueError(f"token_mask_T has shape {tuple(token_mask_T.shape)}; expected "
+                     f"[tokens]=({x_TD.shape[0]},)")
+  return token_mask_T.astype(bool).astype(jnp.float32)
+
+
 def _reject_condition(name: str, condition: Any) -> None:
   if condition is not None:
     raise ValueError(f"{name} does not take a condition; use a conditional router")
@@ -122,10 +134,11 @@ class TopKRouter(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_TD: jax.Array, *, condition: Any = None,
-               deterministic: bool = True) -> RoutingDecision:
+  def __call__(self, x_TD: jax.Array, *, condition: Any = None, deterministic: bool = True,
+               token_mask_T: jax.Array | None = None) -> RoutingDecision:
     V.check_int_range("num_experts", self.num_experts, lo=1)
     V.check_int_range("k", self.k, lo=1, hi=self.num_experts)
+    valid_T = _check_token_mask(token_mask_T, x_TD)
     _reject_condition("TopKRouter", condition)
     logits_TE = _router_logits(self, x_TD, self.num_experts, self.jitter, deterministic,
                                self.param_dtype)
@@ -140,16 +153,22 @@ class TopKRouter(nn.Module):
       if self.renormalize:
         weight_TK = weight_TK / jnp.sum(weight_TK, axis=-1, keepdims=True)
     assigned_TE = jax.nn.one_hot(index_TK, self.num_experts, dtype=jnp.float32).sum(1)
+    mask_TK = None
+    if valid_T is not None:
+      assigned_TE = assigned_TE * valid_T[:, None]
+      mask_TK = jnp.broadcast_to(valid_T[:, None], index_TK.shape)
+      position_TK = counts_E = None  # the kernel's layout counted padding; dispatch re-sorts
     aux = {
-        "load_balance_loss": losses.load_balance_loss(probs_TE, assigned_TE),
-        "z_loss": losses.router_z_loss(logits_TE),
-        "expert_load_E": assigned_TE.mean(0) / self.k,
+        "load_balance_loss": losses.load_balance_loss(probs_TE, assigned_TE, valid_T),
+        "z_loss": losses.router_z_loss(logits_TE, valid_T),
+        "expert_load_E": losses.token_mean(assigned_TE, valid_T) / self.k,
         "dropped_fraction": jnp.zeros((), jnp.float32),  # the dispatcher may overwrite
-        "router_entropy": losses.router_entropy(probs_TE),
+        "router_entropy": losses.router_entropy(probs_TE, valid_T),
     }
     return RoutingDecision(
         expert_index_TK=index_TK.astype(jnp.int32),
         weight_TK=weight_TK,
+        mask_TK=mask_TK,
         priority_T=weight_TK[:, 0] if self.batch_priority else None,
         logits_TE=logits_TE,
         aux=aux,
@@ -171,6 +190,9 @@ class ExpertChoiceRouter(nn.Module):
   group with the highest score for e and combines with that score. Load is
   perfectly balanced by construction, so `load_balance_loss` is 0; a token may
   get 0..E experts and `dropped_fraction` is the share of tokens with none.
+  With a padding mask, C is counted from each group's real tokens,
+  round(capacity_factor * real / E) clipped to [min_capacity, real], so padding
+  a sequence further changes nothing; `capacity` stays the padded-size bound.
   Note: a token's experts depend on the other tokens of its group, so this
   router is not causal.
   """
@@ -184,11 +206,12 @@ class ExpertChoiceRouter(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_TD: jax.Array, *, condition: Any = None,
-               deterministic: bool = True) -> RoutingDecision:
+  def __call__(self, x_TD: jax.Array, *, condition: Any = None, deterministic: bool = True,
+               token_mask_T: jax.Array | None = None) -> RoutingDecision:
     V.check_int_range("num_experts", self.num_experts, lo=1)
     V.check_positive("capacity_factor", self.capacity_factor)
     _reject_condition("ExpertChoiceRouter", condition)
+    valid_T = _check_token_mask(token_mask_T, x_TD)
     num_tokens, E = x_TD.shape[0], self.num_experts
     S = resolve_group_size(num_tokens, self.group_size)
     G = num_tokens // S
@@ -199,21 +222,30 @@ class ExpertChoiceRouter(nn.Module):
 
     logits_TE = _router_logits(self, x_TD, E, self.jitter, deterministic, self.param_dtype)
     probs_TE = jax.nn.softmax(logits_TE, axis=-1)
-    probs_GES = probs_TE.reshape(G, S, E).transpose(0, 2, 1)
-    gate_GEC, token_GEC = jax.lax.top_k(probs_GES, C)
+    scores_TE = probs_TE if valid_T is None else jnp.where(valid_T[:, None] > 0, probs_TE, -1.0)
+    scores_GES = scores_TE.reshape(G, S, E).transpose(0, 2, 1)
+    gate_GEC, token_GEC = jax.lax.top_k(scores_GES, C)
+    keep_GEC = jnp.ones(gate_GEC.shape, bool)
+    if valid_T is not None:  # padding ranks last; capacity from each group's real tokens
+      real_G = valid_T.reshape(G, S).sum(1)
+      cap_G = jnp.clip(jnp.round(cf * real_G / E), max(self.min_capacity, 1), C)
+      cap_G = jnp.minimum(cap_G, real_G)
+      keep_GEC = (jnp.arange(C)[None, None, :] < cap_G[:, None, None]) & (gate_GEC >= 0)
     # Scatter the (expert, slot) picks back to a [G, S, E] table of weights.
     g_GEC = jnp.arange(G)[:, None, None] + jnp.zeros_like(token_GEC)
     e_GEC = jnp.arange(E)[None, :, None] + jnp.zeros_like(token_GEC)
-    weight_GSE = jnp.zeros((G, S, E), jnp.float32).at[g_GEC, token_GEC, e_GEC].set(gate_GEC)
-    mask_GSE = jnp.zeros((G, S, E), bool).at[g_GEC, token_GEC, e_GEC].set(True)
+    weight_GSE = jnp.zeros((G, S, E), jnp.float32).at[g_GEC, token_GEC, e_GEC].set(
+        jnp.where(keep_GEC, gate_GEC, 0.0))
+    mask_GSE = jnp.zeros((G, S, E), bool).at[g_GEC, token_GEC, e_GEC].set(keep_GEC)
     mask_TE = mask_GSE.reshape(num_tokens, E)
     assigned_TE = mask_TE.astype(jnp.float32)
+    routed_T = mask_TE.any(-1).astype(jnp.float32)
     aux = {
         "load_balance_loss": jnp.zeros((), jnp.float32),
-        "z_loss": losses.router_z_loss(logits_TE),
+        "z_loss": losses.router_z_loss(logits_TE, valid_T),
         "expert_load_E": assigned_TE.sum(0) / jnp.maximum(assigned_TE.sum(), 1.0),
-        "dropped_fraction": 1.0 - jnp.mean(mask_TE.any(-1).astype(jnp.float32)),
-        "router_entropy": losses.router_entropy(probs_TE),
+        "dropped_fraction": 1.0 - losses.token_mean(routed_T, valid_T),
+        "router_entropy": losses.router_entropy(probs_TE, valid_T),
     }
     index_TK = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (num_tokens, E))
     return RoutingDecision(
@@ -243,6 +275,10 @@ def make_router(cfg, param_dtype: Any = jnp.float32, group_size: int | None = No
 
 def token_choice_capacity(group_size: int, k: int, num_experts: int, capacity_factor: float,
                           min_capacity: int = 1) -> int:
-  """C = ceil(capacity_factor * S * k / E), clipped to [min_capacity, S]."""
-  c = math.ceil(capacity_factor * group_size * k / num_experts)
+  """C = ceil(capacity_factor * S * k / E), clipped to [min_capacity, S].
+
+  The ceiling ignores float noise below 1e-9 (1.1 * 10 / 11 is 1.0000000000000002
+  in floats, and means 1).
+  """
+  c = math.ceil(capacity_factor * group_size * k / num_experts - 1e-9)
   return min(max(c, min_capacity, 1), group_size)

@@ -47,7 +47,7 @@ class Block(nn.Module):
     h = norm("ffn_norm")(x_BSD)
     if self.use_moe:
       h = MoELayer(cfg.moe, self.dtype, self.param_dtype, name="moe")(
-          h, deterministic=self.deterministic)
+          h, deterministic=self.deterministic, token_mask=mask_BS)
     else:
       h = FeedForward(cfg.mlp_dim, cfg.activation, self.dtype, self.param_dtype, name="mlp")(h)
     return x_BSD + drop(h)
