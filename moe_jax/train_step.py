@@ -85,8 +85,10 @@ def make_train_step(model, tx: optax.GradientTransformation, aux_loss_weight: fl
       return jax.tree.map(jnp.add, carry, out), None
 
     mbs = _split_microbatches(batch, task.microbatches)
+    # task is static (not an array): close over it rather than pass it to eval_shape.
     zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        grad_fn, params, jax.tree.map(lambda x: x[0], mbs), task, rngs))
+        lambda p, mb, r: grad_fn(p, mb, task, r), params, jax.tree.map(lambda x: x[0], mbs),
+        rngs))
     total, _ = jax.lax.scan(accumulate, zero, (mbs, jnp.arange(task.microbatches)))
     return jax.tree.map(lambda x: x / task.microbatches, total)
 
