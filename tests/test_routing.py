@@ -9,7 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import ExpertChoiceRouter, RoutingDecision, TopKRouter, assign_capacity_slots
+from moe_jax import (CapacityOptions, ExpertChoiceRouter, RoutingDecision, TopKRouter,
+                     assign_capacity_slots, get_dispatcher, token_choice_capacity)
+from moe_jax.routing import expert_choice_capacity
+from tests import reference
+from tests.test_dispatch import random_experts
+
+D_SMALL = 4
 
 # Token x expert probability table for the top-k cases (T=3, E=3).
 P_TOP_K = np.array([[0.50, 0.30, 0.20],
@@ -171,3 +177,73 @@ def test_routers_reject_a_condition(router):
   x = jnp.ones((3, 3))
   with pytest.raises(ValueError, match="condition"):
     router.init(jax.random.key(0), x, condition=jnp.ones((3,)))
+
+
+def test_token_choice_capacity_rounds_fractions_up():
+  # C = ceil(cf * S * K / E), worked by hand:
+  assert token_choice_capacity(10, 2, 8, 1.25) == 4    # 25 / 8 = 3.125 -> 4
+  assert token_choice_capacity(6, 1, 4, 1.0) == 2      # 6 / 4 = 1.5 -> 2
+  assert token_choice_capacity(7, 2, 4, 1.0) == 4      # 14 / 4 = 3.5 -> 4
+  assert token_choice_capacity(8, 2, 4, 1.0) == 4      # exactly 4
+  assert token_choice_capacity(10, 1, 11, 1.1) == 1    # 11 / 11 = 1, despite float noise
+  assert token_choice_capacity(3, 1, 4, 0.5) == 1      # 0.375 -> 1 (never below 1)
+  assert token_choice_capacity(6, 1, 4, 1.0, min_capacity=3) == 3
+  assert token_choice_capacity(4, 2, 2, 2.0) == 4      # 8 -> clipped to S = 4
+
+
+def test_expert_choice_capacity_rounds_to_nearest():
+  # C = round(cf * S / E), clipped to [max(min_capacity, 1), S].
+  assert expert_choice_capacity(6, 4, 1.0) == 2        # 1.5 -> 2
+  assert expert_choice_capacity(13, 4, 1.0) == 3       # 3.25 -> 3
+  assert expert_choice_capacity(11, 4, 1.0) == 3       # 2.75 -> 3
+  assert expert_choice_capacity(3, 8, 1.0) == 1        # 0.375 -> 0 -> at least 1
+  assert expert_choice_capacity(4, 2, 4.0) == 4        # 8 -> clipped to S
+
+
+def test_einsum_keeps_every_slot_when_fractional_capacity_rounds_up():
+  # S=6 tokens, K=1, E=4, cf=1: C = ceil(1.5) = 2. Experts 0 and 1 get two tokens
+  # each, so all six fit (C = floor(1.5) = 1 would drop tokens 1 and 3).
+  x = jax.random.normal(jax.random.key(0), (6, D_SMALL))
+  experts = random_experts(jax.random.key(1), num_experts=4, d=D_SMALL, f=8)
+  index = jnp.array([[0], [0], [1], [1], [2], [3]], jnp.int32)
+  weight = jnp.array([[0.9], [0.8], [0.7], [0.6], [0.5], [0.4]])
+  d = RoutingDecision(expert_index_TK=index, weight_TK=weight)
+  y, metrics = get_dispatcher("einsum")(x, d, experts, CapacityOptions(1.0, group_size=6))
+  assert float(metrics["dropped_fraction"]) == 0.0
+  want = reference.np_moe(x, index, weight, np.ones((6, 1), bool), experts)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_top_k_padding_gets_no_expert_and_no_say_in_aux_losses():
+  # Token 2 is padding. Real tokens 0, 1 pick e0,e1 and e2,e1 (as above).
+  mask = jnp.array([True, True, False])
+  d = _route(TopKRouter(num_experts=3, k=2), np.log(P_TOP_K) + C_T[:, None], token_mask_T=mask)
+  np.testing.assert_array_equal(d.mask_TK, [[1, 1], [1, 1], [0, 0]])
+  # f = [1, 2, 1] / 4; P = mean of rows 0, 1 = [0.3, 0.25, 0.45];
+  # load balance = 3 * (0.3 + 0.5 + 0.45) / 4 = 0.9375.
+  np.testing.assert_allclose(d.aux["expert_load_E"], [0.25, 0.5, 0.25], rtol=1e-5)
+  np.testing.assert_allclose(d.aux["load_balance_loss"], 0.9375, rtol=1e-5)
+  np.testing.assert_allclose(d.aux["z_loss"], (1 + 4) / 2, rtol=1e-5)
+  h = -(P_TOP_K[:2] * np.log(P_TOP_K[:2])).sum(1).mean()
+  np.testing.assert_allclose(d.aux["router_entropy"], h, rtol=1e-5)
+
+
+def test_expert_choice_ignores_padding_and_counts_capacity_from_real_tokens():
+  # T=4, E=2, cf=1; tokens 2, 3 are padding with the strongest scores.
+  # Unmasked: C = round(4 / 2) = 2 and the experts would take tokens 2, 0 and 3, 1.
+  # Masked: C = round(2 real / 2) = 1: e0 -> token 0 (0.6), e1 -> token 1 (0.7).
+  p = np.array([[0.6, 0.4], [0.3, 0.7], [0.9, 0.1], [0.2, 0.8]])
+  c = np.array([1.0, 2.0, 5.0, 7.0])  # z-loss sees only the real tokens' 1 and 2
+  mask = jnp.array([True, True, False, False])
+  d = _route(ExpertChoiceRouter(num_experts=2, capacity_factor=1.0), np.log(p) + c[:, None],
+             token_mask_T=mask)
+  np.testing.assert_array_equal(d.mask_TK, [[1, 0], [0, 1], [0, 0], [0, 0]])
+  np.testing.assert_allclose(d.weight_TK, [[0.6, 0], [0, 0.7], [0, 0], [0, 0]], rtol=1e-5)
+  assert float(d.aux["dropped_fraction"]) == 0.0
+  np.testing.assert_allclose(d.aux["z_loss"], 2.5, rtol=1e-5)
+  np.testing.assert_allclose(d.aux["expert_load_E"], [0.5, 0.5], rtol=1e-5)
+
+
+def test_routers_reject_a_token_mask_of_the_wrong_shape():
+  with pytest.raises(ValueError, match=r"token_mask_T has shape \(2,\); expected \[tokens\]"):
+    _route(TopKRouter(num_experts=3, k=1), np.log(P_TOP_K), token_mask_T=jnp.ones(2, bool))
