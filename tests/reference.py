@@ -69,3 +69,32 @@ def jnp_loop_moe(x_TD, index_TK, weight_TK, keep_TK, experts):
     gate_T = jnp.sum(jnp.where((index_TK == e) & keep_TK, weight_TK, 0.0), axis=1)
     y = y + gate_T[:, None] * out
   return y
+
+
+def np_attention(x_BSD, w_qkv_D3HQ, w_out_HQD, mask_BS=None):
+  """Multi-head softmax(q k^T / sqrt(Q)) v in float64; padded keys (mask False) get no weight."""
+  x, w_qkv, w_out = (np.asarray(a, np.float64) for a in (x_BSD, w_qkv_D3HQ, w_out_HQD))
+  q, k, v = (np.einsum("BSD,DHQ->BHSQ", x, w_qkv[:, j]) for j in range(3))
+  scores = np.einsum("BHSQ,BHTQ->BHST", q, k) / np.sqrt(q.shape[-1])
+  if mask_BS is not None:
+    scores = np.where(np.asarray(mask_BS, bool)[:, None, None, :], scores, -np.inf)
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("BHST,BHTQ,HQD->BSD", p, v, w_out)
+
+
+def np_rms_norm(x, scale, eps):
+  x = np.asarray(x, np.float64)
+  return x / np.sqrt(np.mean(x**2, -1, keepdims=True) + eps) * np.asarray(scale, np.float64)
+
+
+def np_top_k_routing(x_TD, w_DE, k, renormalize=True):
+  """Softmax over experts, the k largest (ties to the lower index), optionally renormalised."""
+  logits = np.asarray(x_TD, np.float64) @ np.asarray(w_DE, np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  index = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+  weight = np.take_along_axis(p, index, -1)
+  if renormalize:
+    weight = weight / weight.sum(-1, keepdims=True)
+  return index, weight

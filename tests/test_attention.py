@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax.attention import SelfAttention, apply_rope
+from tests import reference
 
 
 def _rot(v, angle):
@@ -64,12 +65,6 @@ def test_attention_matches_numpy_with_padding_mask():
   mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
   params = attn.init(jax.random.key(6), jnp.asarray(x, jnp.float32))
   y = attn.apply(params, jnp.asarray(x, jnp.float32), mask_BS=jnp.asarray(mask))
-  w_qkv = np.asarray(params["params"]["w_qkv_D3HQ"], np.float64)
-  w_out = np.asarray(params["params"]["w_out_HQD"], np.float64)
-  q, k, v = (np.einsum("BSD,DHQ->BHSQ", x, w_qkv[:, j]) for j in range(3))
-  scores = np.einsum("BHSQ,BHTQ->BHST", q, k) / np.sqrt(Q)
-  scores = np.where(mask[:, None, None, :], scores, -np.inf)
-  p = np.exp(scores - scores.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  want = np.einsum("BHST,BHTQ,HQD->BSD", p, v, w_out)
+  want = reference.np_attention(x, params["params"]["w_qkv_D3HQ"], params["params"]["w_out_HQD"],
+                                mask)
   np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)

@@ -14,7 +14,8 @@ import tensorflow_datasets as tfds
 
 from experiments.configs import imp_tiny, lm_tiny
 from moe_jax.data import sources
-from moe_jax.train import TrainingError, train_and_evaluate
+from moe_jax.agd import Task
+from moe_jax.train import TrainingError, evaluate, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +37,11 @@ def test_agd_compiles_each_task_once_and_writes_outputs(tmp_path):
   summary = train_and_evaluate(c, str(tmp_path))
   assert summary["compiles"] == {"image_cls": 1, "audio_cls": 1, "image_text": 1}
   assert set(summary["compile_seconds"]) == {"image_cls", "audio_cls", "image_text"}
-  assert summary["eval"]["image_text"]["zero_shot_accuracy"] >= 0
+  # Eval means over eval_batches=1 batch of 8 examples: whole counts of correct examples.
+  for name, key in (("image_cls", "accuracy"), ("image_text", "zero_shot_accuracy")):
+    assert summary["eval"][name]["eval_batches"] == 1
+    correct = summary["eval"][name][key] * 8
+    assert abs(correct - round(correct)) < 1e-6, (name, key, correct)
   assert "moe/dropped_fraction" in summary["eval"]["image_cls"]
   on_disk = json.loads((tmp_path / "summary.json").read_text())
   assert on_disk["final_step"] == 50 and on_disk["eval"].keys() == summary["eval"].keys()
@@ -64,7 +69,35 @@ def test_one_step_under_mock_tfds(tmp_path):
   with tfds.testing.mock_data(num_examples=8):
     summary = train_and_evaluate(c, str(tmp_path))
   assert summary["compiles"] == {"mnist": 1}
-  assert 0 <= summary["eval"]["mnist"]["accuracy"] <= 1
+  assert summary["eval"]["mnist"]["eval_batches"] == 1  # smoke: eval_batches=1 batch of 4
+  correct = summary["eval"]["mnist"]["accuracy"] * 4
+  assert abs(correct - round(correct)) < 1e-6, correct
+
+
+class _Batches:
+  def __init__(self, batches):
+    self.batches = batches
+
+  def epoch_batches(self):
+    return iter(self.batches)
+
+
+def test_evaluate_averages_batches_up_to_the_limit_and_adds_zero_shot():
+  def eval_step(params, batch, task, zero_shot=False):
+    del params, task
+    return {"zero_shot_accuracy": batch["zs"]} if zero_shot else {"loss": batch["loss"]}
+
+  contrast = Task("c", "contrastive", "x", modalities=("image", "text"), class_names=("a", "b"))
+  classify = Task("k", "classify", "x", num_classes=2)
+  no_text = Task("n", "contrastive", "x", modalities=("image", "audio"))
+  iters = {"c": _Batches([{"loss": 1.0, "zs": 0.5}, {"loss": 3.0, "zs": 1.0},
+                          {"loss": 100.0, "zs": 0.0}]),  # past max_batches: never read
+           "k": _Batches([{"loss": 2.0}]),
+           "n": _Batches([{"loss": 4.0, "zs": 1.0}, {"loss": 6.0, "zs": 1.0}])}
+  out = evaluate(eval_step, None, [contrast, classify, no_text], iters, max_batches=2)
+  assert out == {"c": {"loss": 2.0, "zero_shot_accuracy": 0.75, "eval_batches": 2},
+                 "k": {"loss": 2.0, "eval_batches": 1},
+                 "n": {"loss": 5.0, "eval_batches": 2}}
 
 
 class NanAfter:

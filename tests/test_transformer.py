@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import MoEConfig, TransformerConfig, TransformerStack, scan_plan, sum_aux_losses
+from moe_jax import (ExpertWeights, MoEConfig, TransformerConfig, TransformerStack, scan_plan,
+                     sum_aux_losses)
+from tests import reference
 
 MOE = MoEConfig(num_experts=4, k=2, expert_hidden_dim=16, dispatch="sorted")
 B, S, D = 2, 6, 16
@@ -121,3 +123,44 @@ def test_dropout_and_jitter_need_rngs_only_in_training():
 def test_stack_rejects_wrong_model_dim():
   with pytest.raises(ValueError, match="d_model=16"):
     TransformerStack(small()).init(jax.random.key(0), jnp.ones((B, S, 8)))
+
+
+def test_stack_matches_numpy_reference_with_padding():
+  """A dense block then a MoE block (pre-norm, residuals, final norm), in float64 numpy.
+
+  The scan, remat and mesh tests compare library paths with each other; this pins
+  the computation they share. Padded tokens are masked as keys and get no expert.
+  """
+  cfg = small(num_layers=2, moe_layers=(1,))
+  stack = TransformerStack(cfg)
+  x = jax.random.normal(jax.random.key(0), (B, S, D))
+  mask = jnp.array([[1, 1, 1, 1, 0, 0], [1] * S], bool)
+  params = stack.init(jax.random.key(1), x, mask_BS=mask)["params"]
+  # Non-trivial norm scales, so a norm applied in the wrong place shows.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: p * (1 + 0.5 * jax.random.uniform(jax.random.key(len(str(path))), p.shape))
+      if path[-1].key == "scale" else p, params)
+  y = stack.apply({"params": params}, x, mask_BS=mask)
+
+  eps = cfg.norm_eps
+  h = np.asarray(x, np.float64)
+  mask_np = np.asarray(mask)
+  for i in range(2):
+    p = params["layers"][f"block_{i}"]
+    a = p["attention"]
+    h = h + reference.np_attention(reference.np_rms_norm(h, p["attention_norm"]["scale"], eps),
+                                   a["w_qkv_D3HQ"], a["w_out_HQD"], mask_np)
+    z = reference.np_rms_norm(h, p["ffn_norm"]["scale"], eps)
+    if i == 0:
+      m = {k: np.asarray(v, np.float64) for k, v in p["mlp"].items()}
+      h = h + reference.np_ffn(z, m["w_up_DF"], m["w_down_FD"], m["w_gate_DF"])
+    else:
+      z_TD = z.reshape(-1, D)
+      index, weight = reference.np_top_k_routing(z_TD, p["moe"]["router"]["w_DE"], MOE.k)
+      keep = np.broadcast_to(mask_np.reshape(-1, 1), index.shape)
+      ex = p["moe"]["experts"]
+      experts = ExpertWeights(w_up_EDF=ex["w_up_EDF"], w_down_EFD=ex["w_down_EFD"],
+                              w_gate_EDF=ex["w_gate_EDF"], activation="swiglu")
+      h = h + reference.np_moe(z_TD, index, weight, keep, experts).reshape(B, S, D)
+  want = reference.np_rms_norm(h, params["final_norm"]["scale"], eps)
+  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
