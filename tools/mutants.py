@@ -1,0 +1,272 @@
+"""Mutation check: does the test suite catch realistic bugs?
+
+Applies each mutant below (one exact source edit) to a temporary copy of the
+repository, runs the tests named for it, and reports whether they failed (killed)
+or passed (survived). Not part of CI: run it after large changes, from the repo root
+with the project's venv:
+
+  .venv/bin/python tools/mutants.py                 # every mutant
+  .venv/bin/python tools/mutants.py capacity_floor rope_not_a_rotation
+  .venv/bin/python tools/mutants.py --full          # survivors also face the whole suite
+  .venv/bin/python tools/mutants.py --list
+
+Exit status 0 when every mutant is killed, 1 when one survives, 2 when a mutant no
+longer applies (its `old` text is gone: update the mutant with the code).
+
+Add a mutant for each bug you fix or fear: the `old` text must occur exactly once in
+its file, and `tests` are pytest arguments for the tests that should kill it (unit
+tests only: the notebook run does not count).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  name: str
+  path: str
+  old: str
+  new: str
+  tests: tuple[str, ...]
+  why: str
+
+
+M = Mutant
+MUTANTS = (
+    # --- the six that once passed the whole suite (issue 9) ---------------------------
+    M("capacity_floor", "moe_jax/routing.py",
+      "c = math.ceil(capacity_factor * group_size * k / num_experts - 1e-9)",
+      "c = math.floor(capacity_factor * group_size * k / num_experts)",
+      ("tests/test_routing.py", "tests/test_properties.py"),
+      "token-choice capacity rounds down: fractional capacities drop tokens"),
+    M("rope_not_a_rotation", "moe_jax/attention.py",
+      "[x1 * cos - x2 * sin, x2 * cos + x1 * sin]", "[x1 * cos + x2 * sin, x2 * cos + x1 * sin]",
+      ("tests/test_attention.py",), "RoPE's first half no longer rotates"),
+    M("lm_targets_unshifted", "moe_jax/models/lm.py",
+      "inputs_BS, targets_BS = tokens[:, :-1], tokens[:, 1:]",
+      "inputs_BS, targets_BS = tokens[:, :-1], tokens[:, :-1]",
+      ("tests/test_models.py", "-k", "lm"), "the LM predicts the current byte"),
+    M("microbatch_grads_summed", "moe_jax/train_step.py",
+      "return jax.tree.map(lambda x: x / task.microbatches, total)", "return total",
+      ("tests/test_train_step.py",), "microbatch gradients and losses summed, not averaged"),
+    M("pooling_ignores_padding", "moe_jax/models/imp.py",
+      "(_masked_mean(h, mask))", "(_masked_mean(h, None))",
+      ("tests/test_models.py", "-k", "padding"), "text pooling averages padded positions"),
+    M("temperature_applied_twice", "moe_jax/models/imp.py",
+      "logits = scale * z_a @ z_b.T", "logits = scale * scale * z_a @ z_b.T",
+      ("tests/test_models.py", "-k", "info_nce"), "contrastive logits scaled twice"),
+    # --- routing and losses ---------------------------------------------------------------
+    M("renormalise_over_tokens", "moe_jax/routing.py",
+      "weight_TK / jnp.sum(weight_TK, axis=-1, keepdims=True)",
+      "weight_TK / jnp.sum(weight_TK, axis=0, keepdims=True)",
+      ("tests/test_routing.py",), "top-k weights renormalised over the wrong axis"),
+    M("expert_choice_reshape_not_transpose", "moe_jax/routing.py",
+      "scores_GES = scores_TE.reshape(G, S, E).transpose(0, 2, 1)",
+      "scores_GES = scores_TE.reshape(G, E, S)",
+      ("tests/test_routing.py",), "expert choice scores laid out by reshape, not transpose"),
+    M("padding_routed", "moe_jax/transformer.py",
+      "token_mask=mask_BS)", "token_mask=None)",
+      ("tests/test_models.py", "-k", "padding"),
+      "the stack stops passing its padding mask to the MoE layers"),
+    M("load_balance_without_E", "moe_jax/losses.py",
+      "return num_experts * jnp.sum(f_E * p_E)", "return jnp.sum(f_E * p_E)",
+      ("tests/test_routing.py",), "load-balancing loss loses its factor E"),
+    M("z_loss_not_squared", "moe_jax/losses.py",
+      "token_mean(jnp.square(jax.nn.logsumexp(logits_TE, axis=-1)), valid_T)",
+      "token_mean(jax.nn.logsumexp(logits_TE, axis=-1), valid_T)",
+      ("tests/test_routing.py",), "z-loss without the square"),
+    M("cross_entropy_ignores_weights", "moe_jax/losses.py",
+      "return jnp.sum(nll * weights) / jnp.maximum(weights.sum(), 1.0)", "return nll.mean()",
+      ("tests/test_models.py", "-k", "lm"), "padding counted in the LM loss"),
+    # --- dispatch ----------------------------------------------------------------------------
+    M("capacity_fills_token_major", "moe_jax/dispatch.py",
+      "onehot_GKSE = onehot_GSKE.transpose(0, 2, 1, 3).reshape(G, K * S, E)",
+      "onehot_GKSE = onehot_GSKE.reshape(G, K * S, E)",
+      ("tests/test_routing.py",), "second choices compete with first choices for capacity"),
+    M("priority_ascending", "moe_jax/dispatch.py",
+      "jnp.argsort(-decision.priority_T.reshape(G, S), axis=1, stable=True)",
+      "jnp.argsort(decision.priority_T.reshape(G, S), axis=1, stable=True)",
+      ("tests/test_routing.py",), "batch priority keeps the least confident tokens"),
+    M("sorted_combine_unweighted", "moe_jax/dispatch.py",
+      "w_TK = jnp.where(valid_X.reshape(-1, K), weight_TK, 0.0)",
+      "w_TK = jnp.where(valid_X.reshape(-1, K), 1.0, 0.0)",
+      ("tests/test_dispatch.py", "-k", "sorted and f32"),
+      "dropless combine ignores the routing weights"),
+    # --- kernels -----------------------------------------------------------------------------
+    M("tile_owner_off_by_one", "kernels_pallas/tiling.py",
+      "owner_I = jnp.sum(tile_end_E[None, :] <= tiles[:, None], axis=1)",
+      "owner_I = jnp.sum(tile_end_E[None, :] < tiles[:, None], axis=1)",
+      ("tests/test_kernels.py", "-k", "layout or gmm"),
+      "a row tile is assigned to the previous expert"),
+    M("tile_padding_floors", "kernels_pallas/tiling.py",
+      "padded_E = (counts_E + block_m - 1) // block_m * block_m",
+      "padded_E = counts_E // block_m * block_m",
+      ("tests/test_kernels.py", "-k", "layout or gmm"),
+      "experts' rows not padded up to whole tiles (tiles overlap)"),
+    # --- expert parallelism ---------------------------------------------------------------
+    M("ep_capacity_reshape_not_transpose", "moe_jax/expert_parallel.py",
+      "y_NLCD = y_LXD.reshape(L, N, C, D).transpose(1, 0, 2, 3)",
+      "y_NLCD = y_LXD.reshape(N, L, C, D)",
+      ("tests/test_sharding.py", "-k", "capacity or equals_loop"),
+      "capacity EP sends results back in the wrong block order"),
+    M("ep_dropless_send_offsets", "moe_jax/expert_parallel.py",
+      "send_off_NN = _exclusive_cumsum(rows_NN, axis=1)",
+      "send_off_NN = _exclusive_cumsum(rows_NN, axis=0)",
+      ("tests/test_sharding.py", "-k", "equals_loop"),
+      "dropless EP sends each peer the wrong rows"),
+    # --- training, optimizer, checkpointing ----------------------------------------------
+    M("weight_decay_on_vectors", "moe_jax/train_step.py",
+      "lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)",
+      "lambda params: jax.tree.map(lambda p: p.ndim >= 1, params)",
+      ("tests/test_train_step.py",), "weight decay also shrinks biases and norm scales"),
+    M("eval_divides_by_limit", "moe_jax/train.py",
+      "{k: v / max(n, 1) for k, v in sums.items()}",
+      "{k: v / max_batches for k, v in sums.items()}",
+      ("tests/test_train.py", "-k", "evaluate"), "eval means divided by the batch limit"),
+    M("resume_forgets_data_position", "moe_jax/train.py",
+      "it.set_state(data_state[name])", "pass",
+      ("tests/test_train.py", "-k", "sigkill"),
+      "a resumed run restarts every data stream from its first batch"),
+    # --- data ---------------------------------------------------------------------------------
+    M("same_shuffle_every_epoch", "moe_jax/data/pipeline.py",
+      "np.random.default_rng([self.seed, epoch]).permutation",
+      "np.random.default_rng(self.seed).permutation",
+      ("tests/test_data.py",), "every epoch visits the examples in the same order"),
+    M("every_process_reads_slice_0", "moe_jax/data/pipeline.py",
+      "np.array_split(np.arange(start, stop), self.process_count)[self.process_index]",
+      "np.array_split(np.arange(start, stop), self.process_count)[0]",
+      ("tests/test_data.py",), "multi-process runs read the same examples on every process"),
+    M("drop_tokens_truncates", "moe_jax/models/tokenizers.py",
+      "keep = max(1, math.floor((1.0 - drop_rate) * N + 0.5))",
+      "keep = max(1, int((1.0 - drop_rate) * N))",
+      ("tests/test_models.py", "-k", "drop_tokens"), "DropToken keeps floor, not nearest"),
+    # --- attention -----------------------------------------------------------------------------
+    M("decoder_not_causal", "moe_jax/attention.py",
+      "is_causal=self.causal)", "is_causal=False)",
+      ("tests/test_models.py", "-k", "causal"), "the decoder attends to future bytes"),
+    M("attention_mask_dropped", "moe_jax/attention.py",
+      "mask = None if mask_BS is None else mask_BS[:, None, None, :].astype(bool)",
+      "mask = None",
+      ("tests/test_attention.py",), "padded keys receive attention"),
+)
+
+
+def _copy_repo(dst: str) -> None:
+  files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=REPO, check=True, capture_output=True).stdout.decode().split("\0")
+  for f in filter(None, files):
+    src = os.path.join(REPO, f)
+    if os.path.isfile(src):
+      os.makedirs(os.path.dirname(os.path.join(dst, f)), exist_ok=True)
+      shutil.copy2(src, os.path.join(dst, f))
+
+
+def _pytest(copy: str, args: list[str], timeout: int) -> tuple[str, str]:
+  """('failed' | 'passed' | 'timeout', first failing test or the tail of the output)."""
+  cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *args]
+  env = {**os.environ, "PYTHONPATH": copy}
+  try:
+    out = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return "timeout", f"no result in {timeout} s"
+  text = out.stdout + out.stderr
+  if out.returncode == 0:
+    return "passed", ""
+  failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
+  if out.returncode in (1,) and failed:
+    # The first error lines say why it failed.
+    why = " ".join(w.strip() for w in re.findall(r"^E +(.+)$", text, re.M)[:3])
+    return "failed", failed[0] + (f": {why[:160]}" if why else "")
+  return "failed", f"pytest exit {out.returncode}: " + text.strip().splitlines()[-1][:200]
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("names", nargs="*", help="mutants to run (default: all)")
+  ap.add_argument("--full", action="store_true",
+                  help="run the whole suite (minus notebooks) on mutants the named tests miss")
+  ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+  ap.add_argument("--no-baseline", action="store_true",
+                  help="skip checking that the named tests pass on the unmutated copy")
+  ap.add_argument("--timeout", type=int, default=900, help="seconds per pytest run")
+  opts = ap.parse_args(argv)
+  by_name = {m.name: m for m in MUTANTS}
+  if opts.list:
+    for m in MUTANTS:
+      print(f"{m.name:36s} {m.path:32s} {m.why}")
+    return 0
+  unknown = [n for n in opts.names if n not in by_name]
+  if unknown:
+    print(f"unknown mutant(s) {unknown}; see --list", file=sys.stderr)
+    return 2
+  chosen = [by_name[n] for n in opts.names] if opts.names else list(MUTANTS)
+
+  # Every mutant must still apply to the code as it is.
+  stale = []
+  for m in chosen:
+    with open(os.path.join(REPO, m.path)) as f:
+      count = f.read().count(m.old)
+    if count != 1:
+      stale.append(f"{m.name}: `{m.old}` occurs {count} times in {m.path}")
+  if stale:
+    print("mutants that no longer apply (update them with the code):\n  " + "\n  ".join(stale),
+          file=sys.stderr)
+    return 2
+
+  with tempfile.TemporaryDirectory(prefix="moe_jax_mutants_") as copy:
+    _copy_repo(copy)
+    where = subprocess.run([sys.executable, "-c", "import moe_jax, kernels_pallas; "
+                            "print(moe_jax.__file__, kernels_pallas.__file__)"],
+                           cwd=copy, env={**os.environ, "PYTHONPATH": copy},
+                           capture_output=True, text=True, check=True).stdout.split()
+    if not all(p.startswith(copy) for p in where):
+      print(f"the copy does not shadow the installed package: {where}", file=sys.stderr)
+      return 2
+    if not opts.no_baseline:
+      files = sorted({a for m in chosen for a in m.tests if a.startswith("tests/")})
+      print(f"baseline: {' '.join(files)} on the unmutated copy ...", flush=True)
+      status, detail = _pytest(copy, ["-n", "2", *files], opts.timeout)
+      if status != "passed":
+        print(f"baseline {status}: {detail}; fix the suite first", file=sys.stderr)
+        return 2
+
+    results = []
+    for m in chosen:
+      target = os.path.join(copy, m.path)
+      with open(target) as f:
+        original = f.read()
+      with open(target, "w") as f:
+        f.write(original.replace(m.old, m.new))
+      t0 = time.perf_counter()
+      try:
+        status, detail = _pytest(copy, list(m.tests), opts.timeout)
+        if status == "passed" and opts.full:
+          status, detail = _pytest(copy, ["-n", "2", "tests",
+                                          "--ignore=tests/test_notebooks.py"], opts.timeout)
+          detail = f"(whole suite) {detail}"
+      finally:
+        with open(target, "w") as f:
+          f.write(original)
+      verdict = {"failed": "killed", "passed": "SURVIVED", "timeout": "killed (timeout)"}[status]
+      results.append((m, verdict, detail, time.perf_counter() - t0))
+      print(f"{verdict:17s} {m.name:36s} {time.perf_counter() - t0:6.1f} s  {detail}", flush=True)
+
+  survived = [m.name for m, v, _, _ in results if v == "SURVIVED"]
+  print(f"\n{len(results) - len(survived)} of {len(results)} mutants killed"
+        + (f"; survived: {', '.join(survived)}" if survived else ""))
+  return 1 if survived else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
