@@ -49,12 +49,12 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from moe_jax.dispatch import CapacityOptions, get_dispatcher
-from moe_jax.expert_parallel import expert_parallel_ffn
-from moe_jax.ragged_exchange import ragged_supported
-from moe_jax.experts import ExpertWeights
-from moe_jax.routing import RoutingDecision, TopKRouter, token_choice_capacity
-from moe_jax.sharding import make_mesh
+from moe_jax.nn.dispatch import CapacityOptions, get_dispatcher
+from moe_jax.parallel.expert_parallel import expert_parallel_ffn
+from moe_jax.parallel.ragged_exchange import ragged_supported
+from moe_jax.nn.experts import ExpertWeights
+from moe_jax.nn.routing import RoutingDecision, TopKRouter, token_choice_capacity
+from moe_jax.parallel.sharding import make_mesh
 
 try:  # Optional grouped-matmul kernels; absent on CPU and on many GPU machines.
   import tokamax

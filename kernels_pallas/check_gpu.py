@@ -3,9 +3,10 @@
   python -m kernels_pallas.check_gpu
 
 Checks gmm, transposed gmm, tgmm, the fused SwiGLU gmm, the permute / combine gathers
-and the fused router against kernels_pallas.reference or plain XLA, and the
-`pallas` dispatcher against the `sorted` one (outputs and gradients), in bf16 at
+and the fused router against kernels_pallas.reference or plain XLA, in bf16 at
 mid-sized shapes with empty experts and ragged group sizes. Exits 1 on a mismatch.
+Imports nothing from moe_jax (kernels_pallas is a leaf); the `pallas` dispatcher vs
+`sorted` check is experiments/check_gpu_dispatch.py.
 """
 from __future__ import annotations
 
@@ -19,10 +20,22 @@ from kernels_pallas import gmm as gmm_lib
 from kernels_pallas.reference import (combine_reference, gmm_reference, permute_reference,
                                       tgmm_reference)
 from kernels_pallas.tiling import make_tile_layout
-from moe_jax import ExpertWeights, RoutingDecision, get_dispatcher
 
 failures = []
 INTERPRET = gmm_lib.default_interpret()
+
+
+def run(checks) -> int:
+  """Runs each check, prints a verdict line; the exit status (1 on any failure)."""
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; tiles {gmm_lib.TILES}")
+  for check in checks:
+    try:
+      check()
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"FAIL {check.__name__}: {type(e).__name__}: {str(e)[:1500]}", flush=True)
+      failures.append(check.__name__)
+  print("FAILED: " + ", ".join(failures) if failures else "all GPU checks passed")
+  return 1 if failures else 0
 
 
 def close(name, got, want, rtol=2e-2, atol=2e-2):
@@ -86,37 +99,5 @@ def check_other_kernels(T=2048, E=16, K=4, D=512, F=256, bm=128):
   close("gmm + fused swiglu", h, jax.nn.silu(g) * u, atol=5e-2)
 
 
-def check_dispatcher(T=2048, D=512, F=768, E=16, K=4):
-  k = jax.random.split(jax.random.key(1), 6)
-  w = lambda key, shape, fan: (jax.random.normal(key, shape) * fan ** -0.5).astype(jnp.bfloat16)
-  experts = ExpertWeights(w(k[0], (E, D, F), D), w(k[1], (E, F, D), F), w(k[2], (E, D, F), D))
-  x = jax.random.normal(k[3], (T, D), jnp.bfloat16)
-  probs = jax.nn.softmax(jax.random.normal(k[4], (T, E)) * 2, axis=-1)
-  weight, index = jax.lax.top_k(probs, K)
-  decision = RoutingDecision(expert_index_TK=index.astype(jnp.int32), weight_TK=weight)
-  cot = jax.random.normal(k[5], (T, D), jnp.float32)
-
-  def loss(name):
-    def f(x, experts):
-      y, _ = get_dispatcher(name)(x, decision, experts)
-      return jnp.sum(y.astype(jnp.float32) * cot), y
-    return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
-
-  (_, y_p), g_p = loss("pallas")(x, experts)
-  (_, y_s), g_s = loss("sorted")(x, experts)
-  close("pallas dispatch output vs sorted", y_p, y_s, atol=5e-2)
-  for name, a, b in zip(["d x", "d w_up", "d w_down", "d w_gate"], jax.tree.leaves(g_p),
-                        jax.tree.leaves(g_s)):
-    close(f"pallas dispatch {name} vs sorted", a, b, rtol=5e-2, atol=0.5)
-
-
 if __name__ == "__main__":
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; tiles {gmm_lib.TILES}")
-  for check in (check_kernels, check_other_kernels, check_dispatcher):
-    try:
-      check()
-    except Exception as e:  # pylint: disable=broad-except
-      print(f"FAIL {check.__name__}: {type(e).__name__}: {str(e)[:1500]}", flush=True)
-      failures.append(check.__name__)
-  print("FAILED: " + ", ".join(failures) if failures else "all GPU checks passed")
-  sys.exit(1 if failures else 0)
+  sys.exit(run((check_kernels, check_other_kernels)))

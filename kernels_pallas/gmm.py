@@ -1,13 +1,13 @@
 """Grouped matmul over a tile-padded expert layout, as Pallas kernels.
 
-Axis letters: R padded rows (expert-sorted, see tiling.py), K contraction,
-N output features, E experts, I row tiles.
+Axis letters: R padded rows (expert-sorted, see tiling.py), A contraction,
+O output features, E experts, I row tiles.
 
-  gmm:   out[R, N] = lhs[R, K] @ rhs[e(tile), K, N]   (or rhs[e]^T with transpose_rhs)
-  tgmm:  out[E, K, N] = sum over e's tiles of lhs[tile]^T @ grad[tile]
+  gmm:   out[R, O] = lhs[R, A] @ rhs[e(tile), A, O]   (or rhs[e]^T with transpose_rhs)
+  tgmm:  out[E, A, O] = sum over e's tiles of lhs[tile]^T @ grad[tile]
 
 Every row tile belongs to one expert, so a program computes one dense
-[block_m, block_n] tile with f32 accumulation over K; tiles past the last expert
+[block_m, block_n] tile with f32 accumulation over A; tiles past the last expert
 are skipped (written as zeros). `grouped_matmul` wraps both in a custom_vjp:
 d lhs = gmm(d out, rhs, transposed), d rhs = tgmm(lhs, d out).
 On CPU the same kernels run with interpret=True (the default there).
@@ -32,7 +32,7 @@ def _tiles_from_env() -> dict:
 
 
 TILES = _tiles_from_env()
-# tgmm: K block 128 (unmeasured on GPU; bench_gmm --sweep is where to set it from).
+# tgmm: A block 128 (unmeasured on GPU; bench_gmm --sweep is where to set it from).
 TGMM_TILES = {**TILES, "block_k": 128}
 
 
@@ -93,28 +93,28 @@ def _gmm_kernel(tile_expert_ref, lhs_ref, rhs_ref, out_ref, *, block_k: int, num
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "transpose_rhs",
                                              "interpret", "num_warps", "num_stages"))
-def gmm(lhs_RK, rhs, tile_expert_I, *, block_m: int, block_n: int = 128, block_k: int = 64,
+def gmm(lhs_RA, rhs, tile_expert_I, *, block_m: int, block_n: int = 128, block_k: int = 64,
         transpose_rhs: bool = False, interpret: bool = False, num_warps: int | None = None,
         num_stages: int | None = None):
-  """out[R, N] = lhs[R, K] @ rhs[e] per row tile; rhs is [E, K, N] ([E, N, K] if transposed)."""
-  R, K = lhs_RK.shape
-  N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  block_n, block_k = fit_block(N, block_n), fit_block(K, block_k)
-  kernel = functools.partial(_gmm_kernel, block_k=block_k, num_k=K // block_k, block_n=block_n,
+  """out[R, O] = lhs[R, A] @ rhs[e] per row tile; rhs is [E, A, O] ([E, O, A] if transposed)."""
+  R, A = lhs_RA.shape
+  O = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  block_n, block_k = fit_block(O, block_n), fit_block(A, block_k)
+  kernel = functools.partial(_gmm_kernel, block_k=block_k, num_k=A // block_k, block_n=block_n,
                              transpose_rhs=transpose_rhs)
   params = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v}
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((R, N), lhs_RK.dtype),
-      grid=(R // block_m, N // block_n),
+      out_shape=jax.ShapeDtypeStruct((R, O), lhs_RA.dtype),
+      grid=(R // block_m, O // block_n),
       in_specs=[pl.BlockSpec(tile_expert_I.shape, lambda i, j: (0,)),
-                pl.BlockSpec((block_m, K), lambda i, j: (i, 0)),
+                pl.BlockSpec((block_m, A), lambda i, j: (i, 0)),
                 pl.BlockSpec(rhs.shape, lambda i, j: (0, 0, 0))],
       out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
       interpret=interpret,
       compiler_params=compiler_params(params),
       name="moe_gmm_t" if transpose_rhs else "moe_gmm",
-  )(tile_expert_I, lhs_RK, rhs)
+  )(tile_expert_I, lhs_RA, rhs)
 
 
 def _tgmm_kernel(tile_start_ref, tile_end_ref, lhs_ref, grad_ref, out_ref, *, block_m: int,
@@ -133,56 +133,56 @@ def _tgmm_kernel(tile_start_ref, tile_end_ref, lhs_ref, grad_ref, out_ref, *, bl
 
 @functools.partial(jax.jit, static_argnames=("num_experts", "block_m", "block_n", "block_k",
                                              "interpret", "num_warps", "num_stages"))
-def tgmm(lhs_RK, grad_RN, tile_start_E, tile_end_E, *, num_experts: int, block_m: int,
+def tgmm(lhs_RA, grad_RO, tile_start_E, tile_end_E, *, num_experts: int, block_m: int,
          block_n: int = 128, block_k: int = 128, interpret: bool = False,
          num_warps: int | None = None, num_stages: int | None = None):
-  """out[e] = lhs[rows of e]^T @ grad[rows of e], [E, K, N]; zeros for empty experts."""
-  R, K = lhs_RK.shape
-  N = grad_RN.shape[1]
-  block_n, block_k = fit_block(N, block_n), fit_block(K, block_k)
+  """out[e] = lhs[rows of e]^T @ grad[rows of e], [E, A, O]; zeros for empty experts."""
+  R, A = lhs_RA.shape
+  O = grad_RO.shape[1]
+  block_n, block_k = fit_block(O, block_n), fit_block(A, block_k)
   kernel = functools.partial(_tgmm_kernel, block_m=block_m, block_k=block_k, block_n=block_n)
   params = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v}
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_experts, K, N), lhs_RK.dtype),
-      grid=(num_experts, K // block_k, N // block_n),
+      out_shape=jax.ShapeDtypeStruct((num_experts, A, O), lhs_RA.dtype),
+      grid=(num_experts, A // block_k, O // block_n),
       in_specs=[pl.BlockSpec(tile_start_E.shape, lambda e, k, n: (0,)),
                 pl.BlockSpec(tile_end_E.shape, lambda e, k, n: (0,)),
-                pl.BlockSpec((R, K), lambda e, k, n: (0, 0)),
-                pl.BlockSpec((R, N), lambda e, k, n: (0, 0))],
+                pl.BlockSpec((R, A), lambda e, k, n: (0, 0)),
+                pl.BlockSpec((R, O), lambda e, k, n: (0, 0))],
       out_specs=pl.BlockSpec((None, block_k, block_n), lambda e, k, n: (e, k, n)),
       interpret=interpret,
       compiler_params=compiler_params(params),
       name="moe_tgmm",
-  )(tile_start_E, tile_end_E, lhs_RK, grad_RN)
+  )(tile_start_E, tile_end_E, lhs_RA, grad_RO)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _grouped_matmul(lhs_RK, rhs_EKN, layout: TileLayout, interpret: bool):
-  return gmm(lhs_RK, rhs_EKN, layout.tile_expert_I, block_m=layout.block_m, interpret=interpret,
+def _grouped_matmul(lhs_RA, rhs_EAO, layout: TileLayout, interpret: bool):
+  return gmm(lhs_RA, rhs_EAO, layout.tile_expert_I, block_m=layout.block_m, interpret=interpret,
              **TILES)
 
 
-def _fwd(lhs_RK, rhs_EKN, layout, interpret):
-  return _grouped_matmul(lhs_RK, rhs_EKN, layout, interpret), (lhs_RK, rhs_EKN, layout)
+def _fwd(lhs_RA, rhs_EAO, layout, interpret):
+  return _grouped_matmul(lhs_RA, rhs_EAO, layout, interpret), (lhs_RA, rhs_EAO, layout)
 
 
-def _bwd(interpret, res, d_out_RN):
-  lhs_RK, rhs_EKN, layout = res
-  d_lhs = gmm(d_out_RN, rhs_EKN, layout.tile_expert_I, block_m=layout.block_m,
+def _bwd(interpret, res, d_out_RO):
+  lhs_RA, rhs_EAO, layout = res
+  d_lhs = gmm(d_out_RO, rhs_EAO, layout.tile_expert_I, block_m=layout.block_m,
               transpose_rhs=True, interpret=interpret, **TILES)
-  d_rhs = tgmm(lhs_RK, d_out_RN, layout.tile_start_E, layout.tile_end_E,
-               num_experts=rhs_EKN.shape[0], block_m=layout.block_m, interpret=interpret,
+  d_rhs = tgmm(lhs_RA, d_out_RO, layout.tile_start_E, layout.tile_end_E,
+               num_experts=rhs_EAO.shape[0], block_m=layout.block_m, interpret=interpret,
                **TGMM_TILES)
-  return d_lhs, d_rhs.astype(rhs_EKN.dtype), layout.zero_cotangent()
+  return d_lhs, d_rhs.astype(rhs_EAO.dtype), layout.zero_cotangent()
 
 
 _grouped_matmul.defvjp(_fwd, _bwd)
 
 
-def grouped_matmul(lhs_RK: jax.Array, rhs_EKN: jax.Array, layout: TileLayout,
+def grouped_matmul(lhs_RA: jax.Array, rhs_EAO: jax.Array, layout: TileLayout,
                    interpret: bool | None = None) -> jax.Array:
-  """Differentiable out[R, N] = lhs[R, K] @ rhs[expert of row's tile]."""
+  """Differentiable out[R, O] = lhs[R, A] @ rhs[expert of row's tile]."""
   if interpret is None:
     interpret = default_interpret()
-  return _grouped_matmul(lhs_RK, rhs_EKN, layout, interpret)
+  return _grouped_matmul(lhs_RA, rhs_EAO, layout, interpret)

@@ -1,15 +1,15 @@
 """Grouped matmul for TPU (Pallas Mosaic): the tile->expert map is scalar-prefetched, so
 each program's BlockSpec pulls exactly its expert's weight block into VMEM.
 
-Axis letters: R padded rows (tile layout), K contraction, N output, E experts, I row tiles.
+Axis letters: R padded rows (tile layout), A contraction, O output, E experts, I row tiles.
 
 The GPU kernels (gmm.py) index one whole-array weight ref inside the kernel, which
 Triton allows; Mosaic wants every operand as a VMEM block whose index comes from the
 grid, hence this separate formulation:
 
-  gmm:  grid (I, N/bn, K/bk), K innermost; rhs block (e(i), k, j) via the prefetched
+  gmm:  grid (I, O/bn, A/bk), A innermost; rhs block (e(i), k, j) via the prefetched
         map; f32 VMEM accumulator, written on the last k. Unused tiles write zeros.
-  tgmm: grid (K/bk, N/bn, I), tiles innermost; the output block (e(i), k, n) stays
+  tgmm: grid (A/bk, O/bn, I), tiles innermost; the output block (e(i), k, n) stays
         resident while consecutive tiles share an expert and is zeroed on its expert's
         first tile. The output aliases a zeros input, so experts with no tile (never
         visited) keep zeros; trailing unused tiles point at the last used expert's
@@ -56,13 +56,13 @@ def _maps(layout: TileLayout):
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "transpose_rhs", "interpret"))
-def gmm_tpu(lhs_RK, rhs, layout: TileLayout, *, block_n: int = 512, block_k: int = 512,
+def gmm_tpu(lhs_RA, rhs, layout: TileLayout, *, block_n: int = 512, block_k: int = 512,
             transpose_rhs: bool = False, interpret: bool = False):
-  """out[R, N] = lhs[R, K] @ rhs[e(tile)] ([E, K, N], or [E, N, K] with transpose_rhs)."""
-  R, K = lhs_RK.shape
-  N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  """out[R, O] = lhs[R, A] @ rhs[e(tile)] ([E, A, O], or [E, O, A] with transpose_rhs)."""
+  R, A = lhs_RA.shape
+  O = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   bm = layout.block_m
-  bn, bk = fit_block(N, block_n), fit_block(K, block_k)
+  bn, bk = fit_block(O, block_n), fit_block(A, block_k)
   expert, used = _maps(layout)
   if transpose_rhs:
     rhs_spec = pl.BlockSpec((None, bn, bk), lambda i, j, k, e, u: (e[i], j, k))
@@ -70,19 +70,19 @@ def gmm_tpu(lhs_RK, rhs, layout: TileLayout, *, block_n: int = 512, block_k: int
     rhs_spec = pl.BlockSpec((None, bk, bn), lambda i, j, k, e, u: (e[i], k, j))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2,
-      grid=(R // bm, N // bn, K // bk),
+      grid=(R // bm, O // bn, A // bk),
       in_specs=[pl.BlockSpec((bm, bk), lambda i, j, k, e, u: (i, k)), rhs_spec],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j, k, e, u: (i, j)),
       scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)])
   return pl.pallas_call(
-      functools.partial(_gmm_kernel, num_k=K // bk, transpose_rhs=transpose_rhs),
-      out_shape=jax.ShapeDtypeStruct((R, N), lhs_RK.dtype),
+      functools.partial(_gmm_kernel, num_k=A // bk, transpose_rhs=transpose_rhs),
+      out_shape=jax.ShapeDtypeStruct((R, O), lhs_RA.dtype),
       grid_spec=grid_spec,
       compiler_params=None if interpret else pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="moe_gmm_tpu_t" if transpose_rhs else "moe_gmm_tpu",
-  )(expert, used, lhs_RK, rhs)
+  )(expert, used, lhs_RA, rhs)
 
 
 def _tgmm_kernel(expert_ref, used_ref, first_ref, lhs_ref, grad_ref, zeros_ref, out_ref):
@@ -99,58 +99,58 @@ def _tgmm_kernel(expert_ref, used_ref, first_ref, lhs_ref, grad_ref, zeros_ref, 
 
 
 @functools.partial(jax.jit, static_argnames=("num_experts", "block_n", "block_k", "interpret"))
-def tgmm_tpu(lhs_RK, grad_RN, layout: TileLayout, *, num_experts: int, block_n: int = 512,
+def tgmm_tpu(lhs_RA, grad_RO, layout: TileLayout, *, num_experts: int, block_n: int = 512,
              block_k: int = 512, interpret: bool = False):
-  """out[e] = lhs[rows of e]^T @ grad[rows of e], [E, K, N] in f32; zeros for empty experts."""
-  R, K = lhs_RK.shape
-  N = grad_RN.shape[1]
+  """out[e] = lhs[rows of e]^T @ grad[rows of e], [E, A, O] in f32; zeros for empty experts."""
+  R, A = lhs_RA.shape
+  O = grad_RO.shape[1]
   bm = layout.block_m
-  bn, bk = fit_block(N, block_n), fit_block(K, block_k)
+  bn, bk = fit_block(O, block_n), fit_block(A, block_k)
   expert, used = _maps(layout)
   tiles = jnp.arange(R // bm, dtype=jnp.int32)
   first = (used > 0) & (tiles == layout.tile_start_E[jnp.maximum(layout.tile_expert_I, 0)])
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3,
-      grid=(K // bk, N // bn, R // bm),
+      grid=(A // bk, O // bn, R // bm),
       in_specs=[pl.BlockSpec((bm, bk), lambda k, n, i, e, u, f: (i, k)),
                 pl.BlockSpec((bm, bn), lambda k, n, i, e, u, f: (i, n)),
                 pl.BlockSpec(memory_space=pl.ANY)],  # the aliased zeros: never read
       out_specs=pl.BlockSpec((None, bk, bn), lambda k, n, i, e, u, f: (e[i], k, n)))
-  zeros = jnp.zeros((num_experts, K, N), jnp.float32)
+  zeros = jnp.zeros((num_experts, A, O), jnp.float32)
   return pl.pallas_call(
       _tgmm_kernel,
-      out_shape=jax.ShapeDtypeStruct((num_experts, K, N), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((num_experts, A, O), jnp.float32),
       grid_spec=grid_spec,
       input_output_aliases={5: 0},  # operands: expert, used, first, lhs, grad, zeros
       compiler_params=None if interpret else pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="moe_tgmm_tpu",
-  )(expert, used, first.astype(jnp.int32), lhs_RK, grad_RN, zeros)
+  )(expert, used, first.astype(jnp.int32), lhs_RA, grad_RO, zeros)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _grouped_matmul_tpu(lhs_RK, rhs_EKN, layout: TileLayout, interpret: bool):
-  return gmm_tpu(lhs_RK, rhs_EKN, layout, interpret=interpret)
+def _grouped_matmul_tpu(lhs_RA, rhs_EAO, layout: TileLayout, interpret: bool):
+  return gmm_tpu(lhs_RA, rhs_EAO, layout, interpret=interpret)
 
 
-def _fwd(lhs_RK, rhs_EKN, layout, interpret):
-  return _grouped_matmul_tpu(lhs_RK, rhs_EKN, layout, interpret), (lhs_RK, rhs_EKN, layout)
+def _fwd(lhs_RA, rhs_EAO, layout, interpret):
+  return _grouped_matmul_tpu(lhs_RA, rhs_EAO, layout, interpret), (lhs_RA, rhs_EAO, layout)
 
 
-def _bwd(interpret, res, d_out_RN):
-  lhs_RK, rhs_EKN, layout = res
-  d_lhs = gmm_tpu(d_out_RN, rhs_EKN, layout, transpose_rhs=True, interpret=interpret)
-  d_rhs = tgmm_tpu(lhs_RK, d_out_RN, layout, num_experts=rhs_EKN.shape[0], interpret=interpret)
-  return d_lhs, d_rhs.astype(rhs_EKN.dtype), layout.zero_cotangent()
+def _bwd(interpret, res, d_out_RO):
+  lhs_RA, rhs_EAO, layout = res
+  d_lhs = gmm_tpu(d_out_RO, rhs_EAO, layout, transpose_rhs=True, interpret=interpret)
+  d_rhs = tgmm_tpu(lhs_RA, d_out_RO, layout, num_experts=rhs_EAO.shape[0], interpret=interpret)
+  return d_lhs, d_rhs.astype(rhs_EAO.dtype), layout.zero_cotangent()
 
 
 _grouped_matmul_tpu.defvjp(_fwd, _bwd)
 
 
-def grouped_matmul_tpu(lhs_RK: jax.Array, rhs_EKN: jax.Array, layout: TileLayout,
+def grouped_matmul_tpu(lhs_RA: jax.Array, rhs_EAO: jax.Array, layout: TileLayout,
                        interpret: bool | None = None) -> jax.Array:
-  """Differentiable out[R, N] = lhs[R, K] @ rhs[expert of row's tile] (Mosaic TPU)."""
+  """Differentiable out[R, O] = lhs[R, A] @ rhs[expert of row's tile] (Mosaic TPU)."""
   if interpret is None:
     interpret = jax.default_backend() != "tpu"
-  return _grouped_matmul_tpu(lhs_RK, rhs_EKN, layout, interpret)
+  return _grouped_matmul_tpu(lhs_RA, rhs_EAO, layout, interpret)

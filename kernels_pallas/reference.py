@@ -5,26 +5,26 @@ import jax
 import jax.numpy as jnp
 
 
-def gmm_reference(lhs_RK, rhs_EKN, tile_expert_I, block_m: int, transpose_rhs: bool = False):
+def gmm_reference(lhs_RA, rhs_EAO, tile_expert_I, block_m: int, transpose_rhs: bool = False):
   """out[rows of tile i] = lhs[rows] @ rhs[tile_expert[i]] (zeros where tile_expert < 0)."""
-  R = lhs_RK.shape[0]
+  R = lhs_RA.shape[0]
   row_expert_R = jnp.repeat(tile_expert_I, block_m, total_repeat_length=R)
   out = None
-  for e in range(rhs_EKN.shape[0]):
-    w = rhs_EKN[e].T if transpose_rhs else rhs_EKN[e]
-    y = jnp.dot(lhs_RK, w, preferred_element_type=jnp.float32)
+  for e in range(rhs_EAO.shape[0]):
+    w = rhs_EAO[e].T if transpose_rhs else rhs_EAO[e]
+    y = jnp.dot(lhs_RA, w, preferred_element_type=jnp.float32)
     y = jnp.where((row_expert_R == e)[:, None], y, 0.0)
     out = y if out is None else out + y
-  return out.astype(lhs_RK.dtype)
+  return out.astype(lhs_RA.dtype)
 
 
-def tgmm_reference(lhs_RK, grad_RN, tile_expert_I, num_experts: int, block_m: int):
+def tgmm_reference(lhs_RA, grad_RO, tile_expert_I, num_experts: int, block_m: int):
   """out[e] = lhs[rows of e]^T @ grad[rows of e]: the weight gradient, [E, K, N]."""
-  R = lhs_RK.shape[0]
+  R = lhs_RA.shape[0]
   row_expert_R = jnp.repeat(tile_expert_I, block_m, total_repeat_length=R)
   return jnp.stack([
-      jnp.dot(jnp.where((row_expert_R == e)[:, None], lhs_RK, 0).T, grad_RN,
-              preferred_element_type=jnp.float32) for e in range(num_experts)]).astype(lhs_RK.dtype)
+      jnp.dot(jnp.where((row_expert_R == e)[:, None], lhs_RA, 0).T, grad_RO,
+              preferred_element_type=jnp.float32) for e in range(num_experts)]).astype(lhs_RA.dtype)
 
 
 def top_k_router_reference(logits_TE, k: int, renormalize: bool = True):

@@ -9,6 +9,7 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$out/gpu.txt"
 python3 -m kernels_pallas.check_gpu 2>&1 | tee "$out/check_gpu.log"
+python3 -m experiments.check_gpu_dispatch 2>&1 | tee "$out/check_gpu_dispatch.log"
 python3 -m kernels_pallas.bench_gmm --shapes=gpu --sweep 2>&1 | tee "$out/bench_gmm.log"
 python3 -m experiments.bench --suite=layer --shapes=gpu --max_row_s=10 \
   --variants=dense_equiv,einsum,sorted,tiled,pallas,pallas_fused,tokamax \

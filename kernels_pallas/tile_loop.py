@@ -1,12 +1,12 @@
 """Grouped matmul over the tile-padded layout as an XLA while loop over the USED tiles:
 the CPU path of the `tiled` dispatcher.
 
-Axis letters: R padded rows, M rows per tile, K contraction, N output, E experts.
+Axis letters: R padded rows, M rows per tile, A contraction, O output, E experts.
 
 Why a loop on CPU: the static buffer holds E*(block_m-1) padding rows beyond the slots
 (twice the slots at E=64, block_m=128), and a batched dot runs every tile of it. The
 loop's trip count is the number of tiles actually used, so only real rows (plus at
-most block_m-1 per expert) are computed; each tile is one [M, K] @ [K, N] dot against
+most block_m-1 per expert) are computed; each tile is one [M, A] @ [A, O] dot against
 its expert's weights, read in place (no per-tile weight copies). XLA:CPU's bf16 dots
 are 1.6-5x slower than its f32 dots at these sizes, so each tile is computed in f32.
 Measured at cpu_olmoe's gate|up matmul on 2 shared cores: 32 ms vs 83-160 ms for the
@@ -61,50 +61,50 @@ def _num_used_tiles(layout: TileLayout) -> jax.Array:
   return jnp.sum(layout.tile_expert_I >= 0)  # used tiles come first (experts in order)
 
 
-def _forward(lhs_RK, rhs_EKN, layout, transpose_rhs: bool):
+def _forward(lhs_RA, rhs_EAO, layout, transpose_rhs: bool):
   m = layout.block_m
-  n = rhs_EKN.shape[1] if transpose_rhs else rhs_EKN.shape[2]
+  n = rhs_EAO.shape[1] if transpose_rhs else rhs_EAO.shape[2]
   dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
 
-  lhs, rhs = lhs_RK.astype(jnp.float32), rhs_EKN.astype(jnp.float32)
+  lhs, rhs = lhs_RA.astype(jnp.float32), rhs_EAO.astype(jnp.float32)
 
   def body(i, out):
     y = jax.lax.dot_general(_tile(lhs, i, m), _expert(rhs, layout.tile_expert_I[i]), dims)
     return jax.lax.dynamic_update_slice_in_dim(out, y, i * m, 0)
 
-  out = _zeros((lhs_RK.shape[0], n), lhs, rhs, layout.tile_expert_I)  # unused tiles stay 0
-  return jax.lax.fori_loop(0, _num_used_tiles(layout), body, out).astype(lhs_RK.dtype)
+  out = _zeros((lhs_RA.shape[0], n), lhs, rhs, layout.tile_expert_I)  # unused tiles stay 0
+  return jax.lax.fori_loop(0, _num_used_tiles(layout), body, out).astype(lhs_RA.dtype)
 
 
-def _weight_grad(lhs_RK, grad_RN, layout, num_experts: int):
+def _weight_grad(lhs_RA, grad_RO, layout, num_experts: int):
   m = layout.block_m
-  lhs, grad = lhs_RK.astype(jnp.float32), grad_RN.astype(jnp.float32)
+  lhs, grad = lhs_RA.astype(jnp.float32), grad_RO.astype(jnp.float32)
 
   def body(i, d_w):
     e = layout.tile_expert_I[i]
     g = jax.lax.dot_general(_tile(lhs, i, m), _tile(grad, i, m), (((0,), (0,)), ((), ())))
     return jax.lax.dynamic_update_index_in_dim(d_w, _expert(d_w, e) + g, e, 0)
 
-  d_w = _zeros((num_experts, lhs_RK.shape[1], grad_RN.shape[1]), lhs, grad,
+  d_w = _zeros((num_experts, lhs_RA.shape[1], grad_RO.shape[1]), lhs, grad,
                layout.tile_expert_I)
   return jax.lax.fori_loop(0, _num_used_tiles(layout), body, d_w)
 
 
 @jax.custom_vjp
-def tile_loop_matmul(lhs_RK: jax.Array, rhs_EKN: jax.Array, layout: TileLayout) -> jax.Array:
-  """out[R, N] = lhs[R, K] @ rhs[expert of row's tile], f32 per tile; zeros on unused tiles."""
-  return _forward(lhs_RK, rhs_EKN, layout, transpose_rhs=False)
+def tile_loop_matmul(lhs_RA: jax.Array, rhs_EAO: jax.Array, layout: TileLayout) -> jax.Array:
+  """out[R, O] = lhs[R, A] @ rhs[expert of row's tile], f32 per tile; zeros on unused tiles."""
+  return _forward(lhs_RA, rhs_EAO, layout, transpose_rhs=False)
 
 
-def _fwd(lhs_RK, rhs_EKN, layout):
-  return tile_loop_matmul(lhs_RK, rhs_EKN, layout), (lhs_RK, rhs_EKN, layout)
+def _fwd(lhs_RA, rhs_EAO, layout):
+  return tile_loop_matmul(lhs_RA, rhs_EAO, layout), (lhs_RA, rhs_EAO, layout)
 
 
-def _bwd(res, d_out_RN):
-  lhs_RK, rhs_EKN, layout = res
-  d_lhs = _forward(d_out_RN, rhs_EKN, layout, transpose_rhs=True)
-  d_rhs = _weight_grad(lhs_RK, d_out_RN, layout, rhs_EKN.shape[0])
-  return (_like_primal(d_lhs, lhs_RK), _like_primal(d_rhs, rhs_EKN), layout.zero_cotangent())
+def _bwd(res, d_out_RO):
+  lhs_RA, rhs_EAO, layout = res
+  d_lhs = _forward(d_out_RO, rhs_EAO, layout, transpose_rhs=True)
+  d_rhs = _weight_grad(lhs_RA, d_out_RO, layout, rhs_EAO.shape[0])
+  return (_like_primal(d_lhs, lhs_RA), _like_primal(d_rhs, rhs_EAO), layout.zero_cotangent())
 
 
 tile_loop_matmul.defvjp(_fwd, _bwd)

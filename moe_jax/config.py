@@ -8,13 +8,15 @@ with a message naming the field (see validation.py). Experiment configs
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 from moe_jax import validation as V
 
-ROUTERS = ("top_k", "expert_choice")
-DISPATCHERS = ("einsum", "sorted", "dense", "pallas", "tiled", "auto")
 ACTIVATIONS = ("swiglu", "gelu")
 EXPERT_PARALLEL_MODES = ("auto", "capacity", "dropless")
+# Options that were MoEConfig fields before routers carried their own (0.2.0).
+_MOVED_TO_ROUTER = ("k", "renormalize", "batch_priority", "jitter", "fused_router")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,20 +25,18 @@ class MoEConfig:
 
   Attributes:
     num_experts: E, routed experts.
-    k: experts per token (token-choice routers); ignored by expert choice.
     expert_hidden_dim: F, hidden width of each expert.
-    router: "top_k" (token choice) or "expert_choice".
-    dispatch: "einsum" (one-hot, capacity, groups), "sorted" (dropless,
-      ragged_dot), "pallas" (dropless, kernels_pallas grouped matmul), "tiled"
-      (dropless, per-tile gathered weights in XLA: fastest dropless on CPU),
-      "dense" (every expert on every token; a reference) or "auto" (the fastest
-      dropless one on this platform).
+    router: a registered router's name, or dict(name=..., **its options), e.g.
+      dict(name="top_k", k=2, renormalize=True, batch_priority=False, jitter=0.0,
+      fused=False) or dict(name="expert_choice", jitter=0.0); see moe_jax.nn.routing.
+      Unknown names and options fail here, listing the valid ones.
+    dispatch: a registered dispatcher: "einsum" (one-hot, capacity, groups),
+      "sorted" (dropless, ragged_dot), "pallas" (dropless, kernels_pallas grouped
+      matmul), "tiled" (dropless, per-tile gathered weights in XLA: fastest
+      dropless on CPU), "dense" (every expert on every token; a reference) or
+      "auto" (the fastest dropless one on this platform).
+    experts: a registered expert type ("ffn": E stacked SwiGLU/GELU FFNs).
     activation: "swiglu" or "gelu".
-    renormalize: token choice: rescale the k weights to sum to 1.
-    batch_priority: token choice: fill capacity in order of each token's top
-      weight (V-MoE's batch priority routing) instead of token order.
-    jitter: multiplicative router-input noise x * U(1-jitter, 1+jitter) while
-      training (needs a "jitter" rng); 0 disables it.
     capacity_factor: capacity while training; C = ceil(cf * S * k / E) for token
       choice with einsum, C = round(cf * S / E) for expert choice.
     eval_capacity_factor: capacity at eval; None means capacity_factor.
@@ -51,25 +51,19 @@ class MoEConfig:
     load_balance_weight: weight of the Switch load-balancing loss.
     z_loss_weight: weight of the router z-loss.
     expert_parallel: how tokens travel when the mesh in context (jax.set_mesh) has
-      an `expert` axis > 1 (see expert_parallel.py): "capacity" (fixed buffers,
-      all_to_all; top-k drops past C per device), "dropless" (ragged exchange) or
-      "auto" (capacity for einsum and expert choice, dropless otherwise: the
-      semantics the layer has on one device). `dispatch` runs the local experts.
-    fused_router: top_k only: run softmax -> top-k -> renormalise in the
-      kernels_pallas router kernel, which also gives each slot's position in its
-      expert group, so the "pallas"/"tiled" dispatchers build their layout
-      without a sort (interpret mode on CPU: correct, not faster there).
+      an `expert` axis > 1 (see parallel/expert_parallel.py): "capacity" (fixed
+      buffers, all_to_all; top-k drops past C per device), "dropless" (ragged
+      exchange) or "auto" (capacity for einsum and expert choice, dropless
+      otherwise: the semantics the layer has on one device). `dispatch` runs the
+      local experts.
   """
 
   num_experts: int = 8
-  k: int = 2
   expert_hidden_dim: int = 256
-  router: str = "top_k"
+  router: Any = "top_k"
   dispatch: str = "sorted"
+  experts: str = "ffn"
   activation: str = "swiglu"
-  renormalize: bool = True
-  batch_priority: bool = False
-  jitter: float = 0.0
   capacity_factor: float = 1.25
   eval_capacity_factor: float | None = None
   min_capacity: int = 1
@@ -80,21 +74,20 @@ class MoEConfig:
   load_balance_weight: float = 1e-2
   z_loss_weight: float = 1e-3
   expert_parallel: str = "auto"
-  fused_router: bool = False
 
   def __post_init__(self):
+    # pylint: disable=import-outside-toplevel  (the registries import this module)
+    from moe_jax.nn.dispatch import DISPATCHERS
+    from moe_jax.nn.experts import EXPERTS
+    from moe_jax.nn.routing import RouterSpec, check_router_spec
     V.check_int_range("num_experts", self.num_experts, lo=1)
     V.check_int_range("expert_hidden_dim", self.expert_hidden_dim, lo=1)
-    V.check_choice("router", self.router, ROUTERS)
-    V.check_choice("dispatch", self.dispatch, DISPATCHERS)
+    object.__setattr__(self, "router", RouterSpec.parse(self.router))
+    check_router_spec(self.router, self.num_experts)
+    DISPATCHERS.get(self.dispatch)
+    EXPERTS.get(self.experts)
     V.check_choice("activation", self.activation, ACTIVATIONS)
     V.check_choice("expert_parallel", self.expert_parallel, EXPERT_PARALLEL_MODES)
-    if self.router == "top_k":
-      V.check_int_range("k", self.k, lo=1, hi=self.num_experts)
-    elif self.fused_router:
-      raise ValueError(f"fused_router=True needs router='top_k' (got router={self.router!r}); "
-                       "the fused kernel is a token-choice top-k router")
-    V.check_fraction("jitter", self.jitter)
     V.check_positive("capacity_factor", self.capacity_factor)
     if self.eval_capacity_factor is not None:
       V.check_positive("eval_capacity_factor", self.eval_capacity_factor)
@@ -107,6 +100,20 @@ class MoEConfig:
     for name in ("load_balance_weight", "z_loss_weight"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+
+  @classmethod
+  def from_dict(cls, fields: Mapping[str, Any]) -> "MoEConfig":
+    """From a config dict; options that moved into the router get a one-line pointer."""
+    moved = sorted(set(fields) & set(_MOVED_TO_ROUTER))
+    if moved:
+      raise ValueError(f"{', '.join(moved)} moved into the router's options: e.g. "
+                       "moe.router=dict(name='top_k', k=2) (fused_router is now fused)")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise ValueError(f"unknown key(s) {unknown} in config.model.moe; valid keys: "
+                       f"{', '.join(sorted(known))}")
+    return cls(**fields)
 
   def capacity_factor_for(self, deterministic: bool) -> float:
     if deterministic and self.eval_capacity_factor is not None:

@@ -5,8 +5,21 @@ or module is built or first called, never as an XLA shape error deep inside a tr
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from typing import Any
+
+import numpy as np
+
+
+def _is_int(value: Any) -> bool:
+  """Python and numpy integers (np.int64(5) counts), never bools."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: Any) -> bool:
+  """Python and numpy reals (np.float32(0.5) counts), never bools."""
+  return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def check_choice(field: str, value: Any, allowed: Iterable[str]) -> None:
@@ -17,7 +30,7 @@ def check_choice(field: str, value: Any, allowed: Iterable[str]) -> None:
 
 def check_int_range(field: str, value: Any, lo: int | None = None, hi: int | None = None) -> None:
   """Checks lo <= value <= hi for an integer (either bound may be None)."""
-  if isinstance(value, bool) or not isinstance(value, int):
+  if not _is_int(value):
     raise ValueError(f"{field}={value!r} must be an integer")
   if (lo is not None and value < lo) or (hi is not None and value > hi):
     lo_s = "-inf" if lo is None else str(lo)
@@ -26,13 +39,13 @@ def check_int_range(field: str, value: Any, lo: int | None = None, hi: int | Non
 
 
 def check_positive(field: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+  if not _is_number(value) or not value > 0:
     raise ValueError(f"{field}={value!r} must be a number > 0")
 
 
 def check_fraction(field: str, value: Any) -> None:
   """0 <= value < 1."""
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+  if not _is_number(value) or not 0 <= value < 1:
     raise ValueError(f"{field}={value!r} must be a number in [0, 1)")
 
 

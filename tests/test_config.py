@@ -7,17 +7,25 @@ from moe_jax import (ExpertBank, ExpertChoiceRouter, MoEConfig, MoELayer, TopKRo
                      TransformerConfig)
 
 
+TOP_K = lambda **kw: dict(name="top_k", **kw)
+
+
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(num_experts=4, k=5), r"k=5 is out of range; allowed: 1 <= k <= 4"),
-    (dict(k=0), r"k=0 is out of range; allowed: 1 <= k <= 8"),
+    (dict(num_experts=4, router=TOP_K(k=5)), r"k=5 is out of range; allowed: 1 <= k <= 4"),
+    (dict(router=TOP_K(k=0)), r"k=0 is out of range; allowed: 1 <= k <= 8"),
     (dict(num_experts=0), r"num_experts=0 is out of range; allowed: 1 <= num_experts"),
     (dict(capacity_factor=0.0), r"capacity_factor=0.0 must be a number > 0"),
     (dict(capacity_factor=-1), r"capacity_factor=-1 must be a number > 0"),
     (dict(eval_capacity_factor=0), r"eval_capacity_factor=0 must be a number > 0"),
-    (dict(router="switch"), r"router='switch' is not supported; allowed: 'top_k', 'expert_choice'"),
-    (dict(dispatch="fast"), r"dispatch='fast' is not supported; allowed: 'einsum', 'sorted'"),
+    (dict(router="switch"), r"router='switch' is not registered; registered: 'top_k', "
+                            r"'expert_choice'"),
+    (dict(router=dict(k=2)), r"router=\{'k': 2\} needs a 'name'"),
+    (dict(router=TOP_K(kk=2)), r"unknown option\(s\) \['kk'\] for router 'top_k'; valid: k, "
+                               r"renormalize, batch_priority, jitter, fused"),
+    (dict(dispatch="fast"), r"dispatch='fast' is not registered; registered: 'einsum', 'sorted'"),
+    (dict(experts="lora9"), r"experts='lora9' is not registered; registered: 'ffn'"),
     (dict(activation="relu"), r"activation='relu' is not supported; allowed: 'swiglu', 'gelu'"),
-    (dict(jitter=1.5), r"jitter=1.5 must be a number in \[0, 1\)"),
+    (dict(router=TOP_K(jitter=1.5)), r"jitter=1.5 must be a number in \[0, 1\)"),
     (dict(group_size=0), r"group_size=0 is out of range"),
     (dict(expert_hidden_dim=2.5), r"expert_hidden_dim=2.5 must be an integer"),
     (dict(z_loss_weight=-1.0), r"z_loss_weight=-1.0 must be >= 0"),
@@ -27,8 +35,16 @@ def test_moe_config_rejects(kwargs, message):
     MoEConfig(**kwargs)
 
 
-def test_expert_choice_ignores_k():
-  assert MoEConfig(router="expert_choice", num_experts=2, k=5).k == 5
+def test_expert_choice_rejects_k():
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['k'\] for router "
+                                       r"'expert_choice'; valid: jitter"):
+    MoEConfig(router=dict(name="expert_choice", k=5), num_experts=2)
+
+
+def test_options_that_moved_into_the_router_say_where_they_went():
+  with pytest.raises(ValueError, match=r"k, renormalize moved into the router's options: "
+                                       r"e.g. moe.router=dict\(name='top_k', k=2\)"):
+    MoEConfig.from_dict(dict(k=2, renormalize=False))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -45,15 +61,16 @@ def test_transformer_config_rejects(kwargs, message):
     TransformerConfig(**kwargs)
 
 
-@pytest.mark.parametrize("module, message", [
-    (TopKRouter(num_experts=4, k=5), r"k=5 is out of range"),
-    (TopKRouter(num_experts=0, k=1), r"num_experts=0 is out of range"),
-    (ExpertChoiceRouter(num_experts=4, capacity_factor=0.0), r"capacity_factor=0.0"),
-    (ExpertChoiceRouter(num_experts=4, group_size=3), r"group_size=3 does not divide .* T=8"),
+@pytest.mark.parametrize("make, message", [
+    (lambda: TopKRouter(num_experts=4, k=5), r"k=5 is out of range"),
+    (lambda: TopKRouter(num_experts=0, k=1), r"num_experts=0 is out of range"),
+    (lambda: ExpertChoiceRouter(num_experts=4, capacity_factor=0.0), r"capacity_factor=0.0"),
+    (lambda: ExpertChoiceRouter(num_experts=4, group_size=3),
+     r"group_size=3 does not divide .* T=8"),
 ])
-def test_routers_reject_bad_settings_when_called(module, message):
-  with pytest.raises(ValueError, match=message):
-    module.init(jax.random.key(0), jnp.ones((8, 4)))
+def test_routers_reject_bad_settings(make, message):
+  with pytest.raises(ValueError, match=message):  # at construction, or at the first call
+    make().init(jax.random.key(0), jnp.ones((8, 4)))
 
 
 def test_router_rejects_wrong_rank():

@@ -45,9 +45,7 @@ def build_model(model_cfg: Mapping[str, Any]):
   model_keys = _fields(config_cls) - {stack_field}
   _check_keys("config.model", cfg, stack_keys | model_keys | {"name", "dtype", "moe"})
   if moe:
-    moe = dict(moe)
-    _check_keys("config.model.moe", moe, _fields(MoEConfig))
-    moe = MoEConfig(**moe)
+    moe = MoEConfig.from_dict(dict(moe))
   stack = TransformerConfig(moe=moe or None, **{k: v for k, v in cfg.items() if k in stack_keys})
   model_config = config_cls(**{stack_field: stack},
                             **{k: v for k, v in cfg.items() if k in model_keys})

@@ -1,6 +1,6 @@
 """IMP: one shared MoE encoder for image, video, audio and text (Akbari et al. 2023).
 
-Axis letters: B batch, N tokens, D model dim, E embedding dim (contrastive space).
+Axis letters: B batch, N tokens, D model dim (contrastive embeddings: embed_dim wide).
 
 Per modality: a tokenizer (patches / tubelets / spectrogram patches / bytes) with
 per-axis position embeddings, and an output projection after the shared encoder.
@@ -22,12 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax import losses
-from moe_jax.agd import Task
+from moe_jax.nn import losses
+from moe_jax.nn.context import Context
+from moe_jax.tasks import MODALITIES, Task
 from moe_jax.config import TransformerConfig
-from moe_jax.data.text import ByteTokenizer
+from moe_jax.tokenizer import ByteTokenizer
 from moe_jax.models.tokenizers import PatchTokenizer, TextTokenizer, drop_tokens
-from moe_jax.transformer import TransformerStack
+from moe_jax.nn.transformer import TransformerStack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,9 @@ class IMPModel(nn.Module):
     rate = task.drop_rate(modality)
     if rate > 0 and not deterministic:
       tokens, mask = drop_tokens(self.make_rng("droptoken"), tokens, mask, rate)
-    h = encoder(tokens, mask_BS=mask, deterministic=deterministic)
+    context = Context.for_batch(tokens.shape[0], task_id=task.task_id,
+                                modality_id=MODALITIES.index(modality))
+    h = encoder(tokens, mask_BS=mask, context=context, deterministic=deterministic)
     return self._dense(self.config.encoder.d_model, f"output_{modality}")(_masked_mean(h, mask))
 
   def _pair_embedding(self, pair: tuple[str, str], side: str, feature_BD: jax.Array):

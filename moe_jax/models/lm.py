@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax import losses
-from moe_jax.agd import Task
+from moe_jax.nn import losses
+from moe_jax.nn.context import Context
+from moe_jax.tasks import MODALITIES, Task
 from moe_jax.config import TransformerConfig
-from moe_jax.data.text import ByteTokenizer
-from moe_jax.transformer import TransformerStack
+from moe_jax.tokenizer import ByteTokenizer
+from moe_jax.nn.transformer import TransformerStack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +47,10 @@ class DecoderLM(nn.Module):
     inputs_BS, targets_BS = tokens[:, :-1], tokens[:, 1:]
     x_BSD = nn.Embed(cfg.vocab_size, cfg.decoder.d_model, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="embedding")(inputs_BS)
+    context = Context.for_batch(tokens.shape[0], task_id=task.task_id,
+                                modality_id=MODALITIES.index("tokens"))
     h_BSD = TransformerStack(cfg.decoder, self.dtype, self.param_dtype, name="decoder")(
-        x_BSD, deterministic=deterministic)
+        x_BSD, context=context, deterministic=deterministic)
     logits_BSV = nn.Dense(cfg.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
                           name="lm_head")(h_BSD)
     weights = (targets_BS != 0).astype(jnp.float32)  # 0 is padding

@@ -1,0 +1,46 @@
+"""The axis-letter legend: one meaning per letter across the whole repository.
+
+Used in einsum strings, docstrings, array names (`x_TD`) and parameter-name suffixes
+(`w_up_EDF`), which parallel/partitioning.py reads to shard parameters. A module that
+needs another axis picks an unused letter and says so in its docstring; never reuse
+a letter for another meaning. tests/test_axes.py checks every parameter of the shipped
+models against this table.
+"""
+from __future__ import annotations
+
+import re
+
+LEGEND = {
+    "T": "tokens",
+    "B": "batch",
+    "S": "sequence, or tokens per routing group",
+    "D": "model dim",
+    "F": "expert (or FFN) hidden dim",
+    "E": "experts",
+    "K": "slots (experts) per token",
+    "C": "capacity per expert and group",
+    "G": "routing groups",
+    "H": "attention heads",
+    "Q": "features per head",
+    "V": "vocabulary",
+    "R": "LoRA rank; padded rows in the tile-layout kernels",
+    "N": "devices on the expert axis",
+    "U": "condition (context) features",
+    "X": "flattened slots, T * K",
+    "I": "row tiles (kernels)",
+    "A": "a kernel's contraction (input) features",
+    "O": "a kernel's output features",
+}
+# Digits in a suffix index a stacked axis of that size (w_qkv_D3HQ: q, k, v).
+_SUFFIX = re.compile(r"_([A-Z0-9]+)$")
+
+
+def suffix_letters(name: str) -> str:
+  """The axis letters a parameter name ends with ('' when it has none)."""
+  m = _SUFFIX.search(name)
+  return "" if m is None else "".join(c for c in m.group(1) if not c.isdigit())
+
+
+def unknown_letters(name: str) -> list[str]:
+  """Letters of `name`'s suffix that are not in LEGEND."""
+  return [c for c in suffix_letters(name) if c not in LEGEND]

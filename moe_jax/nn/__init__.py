@@ -1,0 +1,1 @@
+"""Neural-network components: routing, dispatch, experts, layers, attention, stacks, losses."""

@@ -1,0 +1,94 @@
+"""The sparse MoE feed-forward layer: router -> dispatch -> experts -> combine (+ shared).
+
+Axis letters: T tokens, D model dim, E experts.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.nn import losses
+from moe_jax.config import MoEConfig
+from moe_jax.nn.dispatch import CapacityOptions, get_dispatcher
+from moe_jax.parallel.expert_parallel import expert_axis_size, expert_parallel_ffn
+from moe_jax.nn.context import Context
+from moe_jax.nn.experts import EXPERTS, FeedForward
+from moe_jax.nn.routing import make_router
+
+
+class MoELayer(nn.Module):
+  """Sparse MoE FFN over inputs of any leading shape [..., D].
+
+  Sows, per call (a tuple entry per call; nothing during init, so init's output holds
+  only parameters):
+    "aux_loss"/"moe": load_balance_weight * lb + z_loss_weight * z (sum all
+      leaves of this collection into the task loss: `losses.sum_aux_losses`).
+    "moe_metrics"/"moe": dict of raw losses and router metrics.
+  The jitter noise, when configured, draws from the "jitter" rng. `context`
+  (one row per example of x's leading axis) reaches the router one row per token.
+  `token_mask`
+  ([...], False = padding) keeps padding out of routing, capacity and aux losses;
+  padded positions come out 0 (plus shared experts).
+  Under a mesh whose `expert` axis is > 1 (`jax.set_mesh`), the experts run
+  expert-parallel (`cfg.expert_parallel`; `cfg.dispatch` computes the local experts).
+  """
+
+  config: MoEConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool = True, context: Context | None = None,
+               token_mask: jax.Array | None = None) -> jax.Array:
+    cfg = self.config
+    if not isinstance(cfg, MoEConfig):
+      raise ValueError(f"MoELayer.config must be a MoEConfig, got {type(cfg).__name__}")
+    if x.ndim < 2:
+      raise ValueError(f"MoELayer input must be [..., D]; got shape {tuple(x.shape)}")
+    D = x.shape[-1]
+    stored = self.variables.get("params", {}).get("experts", {}).get("w_up_EDF")
+    if stored is not None and stored.shape[1] != D:
+      raise ValueError(f"MoE input has model dim D={D} but the expert weights were "
+                       f"built for D={stored.shape[1]}")
+    if token_mask is not None and token_mask.shape != x.shape[:-1]:
+      raise ValueError(f"MoELayer token_mask has shape {tuple(token_mask.shape)}; expected the "
+                       f"input's leading shape {tuple(x.shape[:-1])}")
+    x_TD = x.reshape(-1, D)
+    group_size = x.shape[-2] if cfg.sequence_groups and x.ndim >= 3 else cfg.group_size
+    context_T = None if context is None else context.per_token(x_TD.shape[0])
+    decision = make_router(cfg, self.param_dtype, group_size)(
+        x_TD, context_T, deterministic=deterministic,
+        token_mask_T=None if token_mask is None else token_mask.reshape(-1))
+    experts = EXPERTS.get(cfg.experts)(cfg.num_experts, cfg.expert_hidden_dim, cfg.activation,
+                                       self.dtype, self.param_dtype, name="experts")(D)
+    capacity = CapacityOptions(cfg.capacity_factor_for(deterministic), group_size,
+                               cfg.min_capacity)
+    if expert_axis_size() > 1:  # a mesh in context spreads the experts over devices
+      y_TD, dropped = expert_parallel_ffn(
+          x_TD.astype(self.dtype), decision, experts, mode=cfg.expert_parallel,
+          local_dispatch=cfg.dispatch, capacity_factor=capacity.capacity_factor,
+          min_capacity=cfg.min_capacity)
+      dispatch_metrics = {"dropped_fraction": dropped}
+    else:
+      y_TD, dispatch_metrics = get_dispatcher(cfg.dispatch)(x_TD.astype(self.dtype), decision,
+                                                            experts, capacity)
+    if cfg.num_shared_experts:
+      shared_F = (cfg.shared_hidden_dim or cfg.expert_hidden_dim) * cfg.num_shared_experts
+      y_TD = y_TD + FeedForward(shared_F, cfg.activation, self.dtype, self.param_dtype,
+                                name="shared_experts")(x_TD)
+    metrics = dict(decision.aux)
+    # Router drops (expert choice) and capacity drops (einsum) compound.
+    metrics["dropped_fraction"] = 1.0 - ((1.0 - metrics["dropped_fraction"]) *
+                                         (1.0 - dispatch_metrics["dropped_fraction"]))
+    # Not while initializing: init() then returns parameters only, and passing its whole
+    # output back into apply(..., mutable=...) cannot count an aux loss twice. (Values
+    # still append per call: a shared encoder run on two modalities sows two of each.)
+    if not self.is_initializing():
+      self.sow(losses.METRICS_COLLECTION, "moe", metrics)
+      self.sow(losses.AUX_LOSS_COLLECTION, "moe",
+               cfg.load_balance_weight * metrics["load_balance_loss"]
+               + cfg.z_loss_weight * metrics["z_loss"])
+    return y_TD.reshape(x.shape).astype(self.dtype)

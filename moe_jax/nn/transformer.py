@@ -1,0 +1,130 @@
+"""Pre-norm transformer stacks (bidirectional encoder, causal decoder) with MoE layers.
+
+Axis letters: B batch, S sequence, D model dim.
+
+Which layers are MoE comes from `TransformerConfig` (every N-th, last N, or an
+explicit list). With `scan_layers`, the stack is cut into repeating units (e.g.
+[dense, MoE] x 6 for "every 2nd", or 6 dense then 6 MoE for "last 6 of 12") and
+each unit is `nn.scan`ned, so compile time does not grow with depth.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.nn.attention import SelfAttention
+from moe_jax.nn.context import Context
+from moe_jax.config import TransformerConfig
+from moe_jax.nn.experts import FeedForward
+from moe_jax.nn.layers import MoELayer
+
+
+class Block(nn.Module):
+  """x + Attn(Norm(x)); then x + FFN(Norm(x)) where FFN is dense or MoE."""
+
+  config: TransformerConfig
+  use_moe: bool = False
+  deterministic: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BSD: jax.Array, mask_BS: jax.Array | None = None,
+               positions_BS: jax.Array | None = None,
+               context: Context | None = None) -> jax.Array:
+    cfg = self.config
+    norm = lambda name: nn.RMSNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                                   name=name)
+    drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+    h = SelfAttention(cfg.num_heads, cfg.resolved_head_dim, causal=cfg.causal, rope=cfg.uses_rope,
+                      rope_max_wavelength=cfg.rope_max_wavelength, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="attention")(
+                          norm("attention_norm")(x_BSD), mask_BS=mask_BS,
+                          positions_BS=positions_BS)
+    x_BSD = x_BSD + drop(h)
+    h = norm("ffn_norm")(x_BSD)
+    if self.use_moe:
+      h = MoELayer(cfg.moe, self.dtype, self.param_dtype, name="moe")(
+          h, deterministic=self.deterministic, context=context, token_mask=mask_BS)
+    else:
+      h = FeedForward(cfg.mlp_dim, cfg.activation, self.dtype, self.param_dtype, name="mlp")(h)
+    return x_BSD + drop(h)
+
+
+class _Unit(nn.Module):
+  """Consecutive blocks following `pattern` (True = MoE); the body that gets scanned."""
+
+  config: TransformerConfig
+  pattern: tuple[bool, ...]
+  deterministic: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scanned: bool = False
+
+  @nn.compact
+  def __call__(self, x_BSD, mask_BS, positions_BS, context):
+    block = Block
+    if self.config.remat:
+      block = nn.remat(Block, prevent_cse=not self.scanned)
+    for i, use_moe in enumerate(self.pattern):
+      x_BSD = block(self.config, use_moe, self.deterministic, self.dtype, self.param_dtype,
+                    name=f"block_{i}")(x_BSD, mask_BS, positions_BS, context)
+    return (x_BSD, None) if self.scanned else x_BSD
+
+
+def scan_plan(pattern: tuple[bool, ...]) -> list[tuple[tuple[bool, ...], int]]:
+  """Cuts a layer pattern into (unit, repeats) pieces to scan over.
+
+  The shortest period that tiles the whole stack is used when there is one
+  (every-N placement); otherwise runs of equal layers (last-N, explicit lists).
+  """
+  L = len(pattern)
+  for p in range(1, L):
+    if L % p == 0 and all(pattern[i] == pattern[i % p] for i in range(L)):
+      return [(pattern[:p], L // p)]
+  return [((kind,), len(list(run))) for kind, run in itertools.groupby(pattern)]
+
+
+class TransformerStack(nn.Module):
+  """A stack of pre-norm blocks and a final norm: [B, S, D] -> [B, S, D].
+
+  `config.causal` makes it a decoder (causal mask; RoPE unless config.rope=False);
+  otherwise a bidirectional encoder. `mask_BS` marks real (True) vs padding keys;
+  `context` (one row per example) reaches every MoE layer's router.
+  """
+
+  config: TransformerConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BSD: jax.Array, *, mask_BS: jax.Array | None = None,
+               positions_BS: jax.Array | None = None, context: Context | None = None,
+               deterministic: bool = True) -> jax.Array:
+    cfg = self.config
+    if x_BSD.ndim != 3 or x_BSD.shape[-1] != cfg.d_model:
+      raise ValueError(f"TransformerStack input must be [batch, seq, d_model={cfg.d_model}]; "
+                       f"got shape {tuple(x_BSD.shape)}")
+    if mask_BS is not None and mask_BS.shape != x_BSD.shape[:2]:
+      raise ValueError(f"mask_BS shape {tuple(mask_BS.shape)} does not match [batch, seq] "
+                       f"{tuple(x_BSD.shape[:2])}")
+    moe_idx = set(cfg.moe_layer_indices())
+    pattern = tuple(i in moe_idx for i in range(cfg.num_layers))
+    common = dict(config=cfg, deterministic=deterministic, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
+    if not cfg.scan_layers:
+      x_BSD = _Unit(pattern=pattern, name="layers", **common)(x_BSD, mask_BS, positions_BS,
+                                                              context)
+    else:
+      for j, (unit, repeats) in enumerate(scan_plan(pattern)):
+        scanned = nn.scan(_Unit, variable_axes={True: 0},
+                          split_rngs={"params": True, "dropout": True, "jitter": True},
+                          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=repeats)
+        x_BSD, _ = scanned(pattern=unit, scanned=True, name=f"scan_{j}", **common)(
+            x_BSD, mask_BS, positions_BS, context)
+    return nn.RMSNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name="final_norm")(x_BSD)

@@ -1,0 +1,1 @@
+"""Meshes, shardings and expert parallelism on JAX's own runtime."""

@@ -1,0 +1,209 @@
+"""Train state, optimizer and the per-task train / eval step functions.
+
+A step function takes ONE task (static) and its batch; `agd.StepCache` jits it
+once per task. RNGs are derived from (seed, step), so a resumed run draws the
+same dropout / jitter / DropToken noise as an uninterrupted one.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moe_jax.nn import losses
+from moe_jax.train.agd import Task
+from moe_jax.parallel.partitioning import state_shardings
+from moe_jax.parallel.sharding import DEFAULT_RULES
+
+RNG_STREAMS = ("dropout", "jitter", "droptoken")
+MOE_COLLECTIONS = [losses.AUX_LOSS_COLLECTION, losses.METRICS_COLLECTION]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32[2] key: plain arrays checkpoint everywhere
+
+
+def make_optimizer(opt_cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warmup + cosine decay, global-norm clipping, no decay on vectors."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=opt_cfg["learning_rate"], warmup_steps=opt_cfg["warmup_steps"],
+      decay_steps=max(num_steps, opt_cfg["warmup_steps"] + 1),
+      end_value=opt_cfg["learning_rate"] * opt_cfg.get("end_lr_factor", 0.0))
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(opt_cfg["grad_clip_norm"]),
+      optax.adamw(schedule, b1=opt_cfg.get("b1", 0.9), b2=opt_cfg.get("b2", 0.999),
+                  weight_decay=opt_cfg["weight_decay"], mask=decay_mask))
+
+
+def summarize_moe(collections: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """Mean over MoE layers of each sown router metric (expert load -> its max share)."""
+  groups: dict[str, list[jax.Array]] = {}
+  leaves, _ = jax.tree_util.tree_flatten_with_path(collections.get(losses.METRICS_COLLECTION, {}))
+  for path, value in leaves:
+    name = path[-1].key
+    if name == "expert_load_E":
+      name, value = "max_expert_load", value.max(-1)
+    groups.setdefault(f"moe/{name}", []).append(jnp.ravel(value))
+  return {k: jnp.mean(jnp.concatenate(v)) for k, v in groups.items()}
+
+
+def _split_microbatches(batch, n: int):
+  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, aux_loss_weight: float = 1.0):
+  """(state, batch, task) -> (state, metrics) for one AGD task."""
+
+  def loss_fn(params, batch, task, rngs):
+    (loss, metrics), coll = model.apply({"params": params}, batch, task=task, deterministic=False,
+                                        rngs=rngs, mutable=MOE_COLLECTIONS)
+    aux = losses.sum_aux_losses(coll)
+    metrics = {**metrics, **summarize_moe(coll), "aux_loss": aux}
+    return loss + aux_loss_weight * aux, metrics
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def task_grads(params, batch, task, rng):
+    rngs = dict(zip(RNG_STREAMS, jax.random.split(rng, len(RNG_STREAMS))))
+    if task.microbatches == 1:
+      return grad_fn(params, batch, task, rngs)
+
+    def accumulate(carry, xs):
+      mb, i = xs
+      mb_rngs = {k: jax.random.fold_in(r, i) for k, r in rngs.items()}
+      out = grad_fn(params, mb, task, mb_rngs)
+      return jax.tree.map(jnp.add, carry, out), None
+
+    mbs = _split_microbatches(batch, task.microbatches)
+    # task is static (not an array): close over it rather than pass it to eval_shape.
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda p, mb, r: grad_fn(p, mb, task, r), params, jax.tree.map(lambda x: x[0], mbs),
+        rngs))
+    total, _ = jax.lax.scan(accumulate, zero, (mbs, jnp.arange(task.microbatches)))
+    return jax.tree.map(lambda x: x / task.microbatches, total)
+
+  def apply_grads(state: TrainState, grads, metrics):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    metrics = {**metrics, "grad_norm": grad_norm}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def train_step(state: TrainState, batch, task: Task):
+    rng = jax.random.fold_in(state.rng, state.step)
+    (total, metrics), grads = task_grads(state.params, batch, task, rng)
+    return apply_grads(state, grads, {**metrics, "total_loss": total})
+
+  def mixed_step(state: TrainState, batches, tasks: "MixedTasks"):
+    """Baseline: every task each step, losses (and so gradients) summed."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    grads, metrics = None, {}
+    for i, task in enumerate(tasks.tasks):
+      (total, m), g = task_grads(state.params, batches[task.name], task, jax.random.fold_in(rng, i))
+      grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+      metrics.update({f"{task.name}/{k}": v for k, v in m.items()})
+      metrics[f"{task.name}/total_loss"] = total
+    return apply_grads(state, grads, metrics)
+
+  return train_step, mixed_step
+
+
+def pin_state_sharding(step_fn, shardings):
+  """The step with its new state constrained to `shardings` (the old state's layout):
+  sharding propagation may otherwise pick another, and donation needs them equal."""
+
+  def step(state, batch, task):
+    state, metrics = step_fn(state, batch, task)
+    return jax.lax.with_sharding_constraint(state, shardings), metrics
+
+  return step
+
+
+@flax.struct.dataclass
+class MixedTasks:
+  """All tasks at once (mixed-batch baseline); hashable so it can be a static jit arg."""
+
+  tasks: tuple[Task, ...] = flax.struct.field(pytree_node=False)
+  name: str = flax.struct.field(pytree_node=False, default="mixed")
+
+  def __hash__(self):
+    return hash(self.tasks)
+
+
+def make_eval_step(model):
+  """(params, batch, task, zero_shot) -> metrics, deterministic."""
+
+  def eval_step(params, batch, task: Task, zero_shot: bool = False):
+    (_, metrics), coll = model.apply({"params": params}, batch, task=task, deterministic=True,
+                                     zero_shot=zero_shot, mutable=MOE_COLLECTIONS)
+    return {**metrics, **({} if zero_shot else summarize_moe(coll))}
+
+  return jax.jit(eval_step, static_argnames=("task", "zero_shot"))
+
+
+def _init_fn(model, tasks: Sequence[Task]):
+  def init_all(rng, batches):
+    merged: dict[str, Any] = {}
+    for task in tasks:
+      params = model.init(rng, batches[task.name], task=task)["params"]
+      merged = _deep_merge(merged, flax.core.unfreeze(params))
+    return merged
+  return init_all
+
+
+def init_params(model, example_batches: Mapping[str, Any], tasks: Sequence[Task], seed: int,
+                out_shardings: Any = None):
+  """Parameters touched by any task: every task's init, deep-merged, in one compile.
+
+  Flax derives each module's init rng from its path, so modules shared between
+  tasks (the encoder) get identical values from every task's init. With
+  `out_shardings`, each device computes only its own shards.
+  """
+  init_all = jax.jit(_init_fn(model, tasks), out_shardings=out_shardings)
+  return init_all(jax.random.PRNGKey(seed), {t.name: example_batches[t.name] for t in tasks})
+
+
+def init_train_state(model, tx: optax.GradientTransformation, example_batches: Mapping[str, Any],
+                     tasks: Sequence[Task], seed: int, mesh, rules=DEFAULT_RULES):
+  """(state, state shardings) laid out on `mesh` (call under `jax.set_mesh(mesh)`).
+
+  eval_shape gives the shapes, the logical axis rules their shardings, and jit with
+  out_shardings builds every shard where it lives: full unsharded parameters or
+  optimizer state never exist on one device.
+  """
+  batches = {t.name: example_batches[t.name] for t in tasks}
+  rng = jax.random.PRNGKey(seed)
+  abstract = jax.eval_shape(_init_fn(model, tasks), rng, batches)
+  param_sh = state_shardings(mesh, abstract, rules)
+  params = init_params(model, batches, tasks, seed, out_shardings=param_sh)
+  opt_sh = state_shardings(mesh, jax.eval_shape(tx.init, abstract), rules)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+  rep = NamedSharding(mesh, P())
+  shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
+                     opt_state=opt_state, rng=jax.device_put(jax.random.PRNGKey(seed + 1), rep))
+  return state, shardings
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+  out = dict(a)
+  for k, v in b.items():
+    if k in out and isinstance(out[k], dict) and isinstance(v, dict):
+      out[k] = _deep_merge(out[k], v)
+    elif k in out and jax.tree.structure(out[k]) == jax.tree.structure(v) and jax.tree.map(
+        jnp.shape, out[k]) != jax.tree.map(jnp.shape, v):
+      raise ValueError(f"parameter {k!r} has different shapes in different tasks: "
+                       f"{jax.tree.map(jnp.shape, out[k])} vs {jax.tree.map(jnp.shape, v)}")
+    else:
+      out[k] = v
+  return out

@@ -1,0 +1,227 @@
+"""`train_and_evaluate(config, workdir)`: AGD multitask training with eval, checkpoints, logs.
+
+One task per optimizer step (config.agd.mode="agd"), or every task each step with
+summed losses (mode="mixed", the baseline). Resumes automatically from the latest
+checkpoint in `workdir`; writes TensorBoard events, `summary.json` and console
+progress. See experiments/configs/*.py for the config fields.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax import models
+from moe_jax.train import agd
+from moe_jax.train.checkpoint import Checkpointer
+from moe_jax.config import MoEConfig
+from moe_jax.data import BatchIterator, make_source
+from moe_jax.train.metrics import Averager, Progress, SummaryWriter, format_duration
+from moe_jax.parallel.partitioning import check_mesh_fits, global_batch, mesh_from_config
+from moe_jax.parallel.sharding import DEFAULT_RULES, initialize_distributed
+from moe_jax.train.step import (MixedTasks, init_train_state, make_eval_step, make_optimizer,
+                                make_train_step, pin_state_sharding)
+
+log = logging.getLogger("moe_jax.train")
+MODES = ("agd", "mixed")
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (diverged loss, unusable workdir); message is one line."""
+
+
+def _say(msg: str) -> None:
+  if jax.process_index():  # multi-process: one console, process 0's
+    return
+  print(msg, flush=True)
+  log.info(msg)
+
+
+def check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise TrainingError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from None
+
+
+def _iterator(task: agd.Task, spec: str, seed: int, train: bool) -> BatchIterator:
+  source = make_source(spec, **dict(task.source_args))
+  if len(source) < task.batch_size:
+    raise ValueError(f"task {task.name!r}: source {spec!r} has {len(source)} examples, fewer "
+                     f"than batch_size={task.batch_size}")
+  return BatchIterator(source, task.batch_size, seed=seed, shuffle=train, drop_remainder=True,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _finite_or_raise(step: int, task_name: str, metrics: Mapping[str, float],
+                     last_checkpoint: int | None) -> None:
+  bad = {k: v for k, v in metrics.items() if k.endswith("loss") and not np.isfinite(v)}
+  if bad:
+    raise TrainingError(f"non-finite loss at step {step} (task {task_name}): {bad}; stopped. "
+                        f"The last good checkpoint (step {last_checkpoint}) is untouched")
+
+
+def evaluate(eval_step, params, tasks, eval_iters, max_batches: int,
+             put=lambda batch: batch) -> dict[str, dict]:
+  """Mean metrics over up to `max_batches` eval batches of every task (+ zero-shot).
+
+  `put` turns a process-local batch into the global arrays the step takes."""
+  results = {}
+  for task in tasks:
+    if task.name not in eval_iters:
+      continue
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in eval_iters[task.name].epoch_batches():
+      if n >= max_batches:
+        break
+      batch = put(batch)
+      metrics = eval_step(params, batch, task)
+      if task.kind == "contrastive" and task.class_names and task.modalities[1] == "text":
+        metrics = {**metrics, **eval_step(params, batch, task, zero_shot=True)}
+      for k, v in jax.device_get(metrics).items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+      n += 1
+    results[task.name] = {k: v / max(n, 1) for k, v in sums.items()} | {"eval_batches": n}
+  return results
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the summary.
+
+  `config.mesh` (data, fsdp, expert, model; all 1 = one device) lays the state and
+  batches out over devices; on multi-process launches every process runs this with
+  the same config and reads its own share of each batch.
+  """
+  initialize_distributed()
+  mesh = mesh_from_config(config.get("mesh"))
+  with jax.set_mesh(mesh):  # MoE layers read the expert axis from the mesh in context
+    return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
+  t_start = time.perf_counter()
+  check_workdir(workdir)
+  tcfg, seed = config.train, int(config.seed)
+  rules = tuple(config.get("logical_rules", DEFAULT_RULES))
+  mode = config.agd.get("mode", "agd")
+  if mode not in MODES:
+    raise ValueError(f"agd.mode={mode!r} is not supported; allowed: {', '.join(MODES)}")
+  tasks = agd.tasks_from_config(config.tasks, lambda spec, kw: make_source(spec, **kw))
+  model = models.build_model(config.model)
+  moe_cfg = config.model.get("moe")
+  check_mesh_fits(mesh, MoEConfig(**moe_cfg).num_experts if moe_cfg else None,
+                  {t.name: t.batch_size for t in tasks}, rules)
+  sampler = agd.TaskSampler(tasks, config.agd.get("sampler", "weighted"), seed)
+  train_iters = {t.name: _iterator(t, t.source, seed + 1000 * i, True) for i, t in enumerate(tasks)}
+  eval_iters = {t.name: _iterator(t, t.eval_source, seed, False) for t in tasks if t.eval_source}
+  put = lambda batch: global_batch(mesh, batch, rules)
+
+  num_steps = int(tcfg.num_steps)
+  tx = make_optimizer(config.optimizer, num_steps)
+  examples = {t.name: put(train_iters[t.name].batch_at(0)) for t in tasks}
+  state, state_shardings = init_train_state(model, tx, examples, tasks, seed, mesh, rules)
+  params = state.params
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  n_expert = sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                 if "experts" in jax.tree_util.keystr(p))
+  mesh_str = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+  _say(f"model {config.model.get('name', 'imp')}: {n_params / 1e6:.2f}M parameters "
+       f"({n_expert / 1e6:.2f}M in experts); tasks: {', '.join(t.name for t in tasks)}; "
+       f"mesh {mesh_str} ({mesh.size} device{'s' if mesh.size > 1 else ''})")
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tcfg.keep_checkpoints))
+  start = ckpt.latest_step() or 0
+  if start:  # restored straight into this mesh's layout, whatever mesh wrote it
+    state, data_state = ckpt.restore(start, state)
+    for name, it in train_iters.items():
+      it.set_state(data_state[name])
+    _say(f"resumed from {workdir}/checkpoints at step {start}")
+  last_checkpoint = start or None
+
+  train_step, mixed_step = make_train_step(model, tx, float(config.get("aux_loss_weight", 1.0)))
+  step_cache = agd.StepCache(pin_state_sharding(mixed_step if mode == "mixed" else train_step,
+                                                state_shardings))
+  eval_step = make_eval_step(model)
+  lead = jax.process_index() == 0  # writes events and summary.json
+  writer = SummaryWriter(workdir if tcfg.get("tensorboard", True) and lead else None)
+  averager, progress = Averager(), Progress(start, num_steps)
+  log_every, eval_every = int(tcfg.log_every), int(tcfg.eval_every)
+  ckpt_every, eval_batches = int(tcfg.checkpoint_every), int(tcfg.eval_batches)
+  mixed = MixedTasks(tuple(tasks))
+  pending = None  # (step, task name, device metrics): fetched one step late
+  history: list[dict[str, Any]] = []
+  final: dict[str, dict] | None = None  # eval results at num_steps
+
+  def drain():
+    nonlocal pending
+    if pending is None:
+      return
+    step, name, metrics = pending
+    pending = None
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    _finite_or_raise(step, name, host, last_checkpoint)
+    averager.add("train" if mode == "mixed" else f"train/{name}", host)
+
+  try:
+    for step in range(start, num_steps):
+      if mode == "mixed":
+        name, batch, task = "mixed", {t.name: next(train_iters[t.name]) for t in tasks}, mixed
+      else:
+        task = sampler.task_at(step)
+        name, batch = task.name, next(train_iters[task.name])
+      state, metrics = step_cache(state, put(batch), task)
+      drain()  # the previous step's metrics; this step is already queued
+      pending = (step + 1, name, metrics)
+      done = step + 1
+      if done % log_every == 0 or done == num_steps:
+        drain()
+        rate, eta = progress.update(done)
+        means = averager.pop()
+        writer.scalars(done, {**means, "train/steps_per_second": rate})
+        losses_str = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in sorted(means.items())
+                              if k.endswith("/loss") and k.count("/") == 2)
+        _say(f"step {done}/{num_steps} {losses_str} | {rate:.1f} steps/s, ETA {eta}")
+        history.append({"step": done, **means})
+      if done % ckpt_every == 0 or done == num_steps:
+        drain()
+        ckpt.save(done, state, {n: it.get_state() for n, it in train_iters.items()})
+        last_checkpoint = done
+      if eval_iters and (done % eval_every == 0 or done == num_steps):
+        results = evaluate(eval_step, state.params, tasks, eval_iters, eval_batches, put)
+        final = results if done == num_steps else None
+        writer.scalars(done, {f"eval/{t}/{k}": v for t, m in results.items() for k, v in m.items()})
+        for t, m in results.items():
+          _say(f"  eval {t} @ {done}: " + " ".join(
+              f"{k}={v:.3f}" for k, v in m.items() if not k.startswith("moe/")))
+    drain()
+  finally:
+    writer.flush()
+    writer.close()
+    ckpt.close()
+
+  if final is None:  # e.g. resumed from the final checkpoint: nothing ran
+    final = evaluate(eval_step, state.params, tasks, eval_iters, eval_batches, put)
+  summary = {
+      "final_step": num_steps, "resumed_from": start or None, "mode": mode,
+      "eval": final, "compile_seconds": step_cache.compile_seconds,
+      "compiles": step_cache.compiles, "wall_time_s": time.perf_counter() - t_start,
+      "parameters": n_params, "mesh": dict(mesh.shape), "train_history": history,
+  }
+  if lead:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+  _say(f"done in {format_duration(summary['wall_time_s'])}; compile seconds per task: "
+       + ", ".join(f"{k}={v:.1f}" for k, v in step_cache.compile_seconds.items()))
+  return summary

@@ -1,0 +1,223 @@
+"""Tokenizers, DropToken and the IMP / LM models' task paths."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import models
+from moe_jax.train.agd import Task
+from moe_jax.models.tokenizers import drop_tokens, patchify
+
+MOE = dict(num_experts=4, router="expert_choice", capacity_factor=1.0, dispatch="einsum",
+           expert_hidden_dim=16)
+IMP = dict(name="imp", d_model=16, num_layers=2, num_heads=2, mlp_dim=32, moe_last=1, moe=MOE,
+           patch_image=(2, 2), patch_video=(2, 2, 2), patch_audio=(4, 4), embed_dim=8)
+
+
+def test_patchify_matches_a_loop():
+  x = np.arange(2 * 4 * 6 * 3, dtype=np.float32).reshape(2, 4, 6, 3)
+  tokens, grid = patchify(jnp.asarray(x), (2, 3))
+  assert grid == (2, 2) and tokens.shape == (2, 4, 2 * 3 * 3)
+  for b in range(2):
+    for i in range(2):
+      for j in range(2):
+        want = x[b, 2 * i:2 * i + 2, 3 * j:3 * j + 3, :].reshape(-1)
+        np.testing.assert_array_equal(tokens[b, i * 2 + j], want)
+
+
+def test_patchify_rejects_indivisible_shapes():
+  with pytest.raises(ValueError, match=r"not divisible by patch=\(3, 3\)"):
+    patchify(jnp.ones((1, 8, 8, 1)), (3, 3))
+
+
+def test_drop_tokens_keeps_a_sorted_subset_per_example():
+  tokens = jnp.arange(2 * 10, dtype=jnp.float32).reshape(2, 10, 1)
+  kept, mask = drop_tokens(jax.random.key(0), tokens, None, 0.3)
+  assert kept.shape == (2, 7, 1) and mask is None
+  for b in range(2):
+    values = np.asarray(kept[b, :, 0])
+    assert np.all(np.diff(values) > 0)  # original order kept
+    assert set(values) <= set(np.asarray(tokens[b, :, 0]))
+  assert not np.array_equal(kept[0, :, 0] - 0, kept[1, :, 0] - 10)  # drawn per example
+
+
+@pytest.mark.parametrize("rate,kept", [(0.33, 7), (0.37, 6), (0.25, 8), (0.0, 10), (0.99, 1)])
+def test_drop_tokens_keeps_the_nearest_count_halves_up(rate, kept):
+  # N=10: (1 - rate) * 10 = 6.7 -> 7, 6.3 -> 6, 7.5 -> 8, 10 -> 10, 0.1 -> at least 1.
+  tokens = jnp.arange(10, dtype=jnp.float32).reshape(1, 10, 1)
+  out, mask = drop_tokens(jax.random.key(0), tokens, jnp.ones((1, 10), bool), rate)
+  assert out.shape == (1, kept, 1) and mask.shape == (1, kept)
+
+
+def _batch(key, **shapes):
+  return {k: jax.random.uniform(jax.random.fold_in(key, i), s) for i, (k, s) in enumerate(
+      shapes.items())}
+
+
+def test_imp_classify_any_resolution_and_drop_token():
+  model = models.build_model(IMP)
+  task = Task("img", "classify", "x", modalities=("image",), num_classes=10,
+              drop_rates=(("image", 0.5),))
+  batch = {**_batch(jax.random.key(0), image=(4, 8, 8, 1)), "label": jnp.arange(4)}
+  params = model.init(jax.random.key(1), batch, task=task)["params"]
+  (loss, metrics), st = model.apply({"params": params}, batch, task=task, deterministic=False,
+                                    rngs={"droptoken": jax.random.key(2)},
+                                    capture_intermediates=True, mutable=["intermediates"])
+  logits = np.asarray(st["intermediates"]["classifier_img"]["__call__"][0], np.float64)
+  np.testing.assert_allclose(loss, _np_cross_entropy(logits, np.arange(4)), rtol=1e-5)
+  np.testing.assert_allclose(metrics["accuracy"], np.mean(logits.argmax(-1) == np.arange(4)))
+  # The same parameters take a 12x12 resolution (per-axis position tables).
+  big = {**_batch(jax.random.key(3), image=(4, 12, 12, 1)), "label": jnp.arange(4)}
+  loss_big, _ = model.apply({"params": params}, big, task=task)
+  assert np.isfinite(loss_big)
+  # A resize task reuses them too.
+  resized = Task("img16", "classify", "x", modalities=("image",), num_classes=10, head="img",
+                 image_size=16)
+  assert np.isfinite(model.apply({"params": params}, batch, task=resized)[0])
+
+
+def _np_cross_entropy(logits, labels):
+  logits = np.asarray(logits, np.float64)
+  m = logits.max(-1, keepdims=True)
+  lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
+  return np.mean(lse - np.take_along_axis(logits, labels[..., None], -1)[..., 0])
+
+
+def _np_unit(z):
+  z = np.asarray(z, np.float64)
+  return z / np.linalg.norm(z, axis=-1, keepdims=True)
+
+
+def _np_info_nce(z_a, z_b, scale):
+  """Symmetric InfoNCE (CLIP): in-batch negatives, matching pairs on the diagonal."""
+  logits = scale * _np_unit(z_a) @ _np_unit(z_b).T
+  labels = np.arange(len(logits))
+  return 0.5 * (_np_cross_entropy(logits, labels) + _np_cross_entropy(logits.T, labels))
+
+
+CONTRAST = Task("it", "contrastive", "x", modalities=("image", "text"),
+                class_names=("zero", "one", "two"), prompt_template="a {}")
+
+
+def _contrast_batch(text):
+  return {**_batch(jax.random.key(0), image=(4, 8, 8, 1)), "text": text,
+          "label": jnp.array([0, 1, 2, 0])}
+
+
+def _captured(model, params, batch, **kw):
+  out, st = model.apply({"params": params}, batch, task=CONTRAST, capture_intermediates=True,
+                        mutable=["intermediates"], **kw)
+  emb = lambda side: st["intermediates"][f"contrast_image_text_{side}"]["__call__"][0]
+  return out, emb("image"), emb("text")
+
+
+def test_imp_contrastive_loss_is_symmetric_info_nce_at_the_learned_scale():
+  model = models.build_model(IMP)
+  batch = _contrast_batch(jax.random.randint(jax.random.key(5), (4, 6), 1, 257))
+  params = model.init(jax.random.key(1), batch, task=CONTRAST)["params"]
+  # At init the scale is 1 / init_temperature = 10; then 3; then 1000, clipped to 100.
+  for log_scale, scale in ((None, 10.0), (np.log(3.0), 3.0), (np.log(1000.0), 100.0)):
+    if log_scale is not None:
+      params = {**params, "contrast_image_text_log_scale": jnp.float32(log_scale)}
+    (loss, metrics), z_a, z_b = _captured(model, params, batch)
+    np.testing.assert_allclose(loss, _np_info_nce(z_a, z_b, scale), rtol=1e-5)
+    np.testing.assert_allclose(metrics["temperature"], 1.0 / scale, rtol=1e-5)
+    sim = _np_unit(z_a) @ _np_unit(z_b).T
+    np.testing.assert_allclose(metrics["image_to_text_accuracy"],
+                               np.mean(sim.argmax(1) == np.arange(4)))
+    np.testing.assert_allclose(metrics["text_to_image_accuracy"],
+                               np.mean(sim.argmax(0) == np.arange(4)))
+
+
+def test_imp_zero_shot_picks_the_nearest_class_prompt():
+  model = models.build_model(IMP)
+  batch = _contrast_batch(jax.random.randint(jax.random.key(5), (4, 6), 1, 257))
+  params = model.init(jax.random.key(1), batch, task=CONTRAST)["params"]
+  (_, zs), z_query, z_prompts = _captured(model, params, batch, zero_shot=True)
+  assert z_prompts.shape[0] == 3  # one prompt per class name
+  guess = (_np_unit(z_query) @ _np_unit(z_prompts).T).argmax(1)
+  np.testing.assert_allclose(zs["zero_shot_accuracy"], np.mean(guess == np.array([0, 1, 2, 0])))
+
+
+def test_imp_padding_captions_further_changes_nothing():
+  """The same captions padded to 8 and to 13 bytes: same loss, embeddings and zero-shot.
+
+  Padding must stay out of attention (key mask), pooling (masked mean) and routing
+  (IMP's expert choice counts capacity from real tokens).
+  """
+  model = models.build_model(IMP)
+  lengths = [3, 6, 2, 5]
+  ids = np.asarray(jax.random.randint(jax.random.key(5), (4, 6), 1, 257))
+  padded = lambda L: jnp.asarray([list(r[:n]) + [0] * (L - n) for r, n in zip(ids, lengths)])
+  params = model.init(jax.random.key(1), _contrast_batch(padded(8)), task=CONTRAST)["params"]
+  (loss8, _), _, z8 = _captured(model, params, _contrast_batch(padded(8)))
+  (loss13, _), _, z13 = _captured(model, params, _contrast_batch(padded(13)))
+  np.testing.assert_allclose(z8, z13, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(loss8, loss13, rtol=1e-5)
+  (_, zs8), _, p8 = _captured(model, params, _contrast_batch(padded(8)), zero_shot=True)
+  (_, zs13), _, p13 = _captured(model, params, _contrast_batch(padded(13)), zero_shot=True)
+  np.testing.assert_allclose(p8, p13, rtol=1e-4, atol=1e-5)
+  assert float(zs8["zero_shot_accuracy"]) == float(zs13["zero_shot_accuracy"])
+
+
+def test_imp_reports_missing_modality():
+  model = models.build_model(IMP)
+  task = Task("vid", "classify", "x", modalities=("video",), num_classes=3)
+  with pytest.raises(ValueError, match=r"task 'vid' reads 'video' but the batch has \['image'"):
+    model.init(jax.random.key(0), {"image": jnp.ones((2, 8, 8, 1)), "label": jnp.zeros(2, int)},
+               task=task)
+
+
+LM = dict(name="lm", d_model=16, num_layers=2, num_heads=2, mlp_dim=32, causal=True,
+          moe=dict(num_experts=4, router=dict(name="top_k", k=2), expert_hidden_dim=16,
+                   dispatch="sorted"), moe_every=2)
+LM_TASK = Task("lm", "lm", "x", modalities=("tokens",))
+
+
+def _lm_logits(model, params, tokens):
+  (loss, metrics), st = model.apply({"params": params}, {"tokens": tokens}, task=LM_TASK,
+                                    capture_intermediates=True, mutable=["intermediates"])
+  return loss, metrics, np.asarray(st["intermediates"]["lm_head"]["__call__"][0], np.float64)
+
+
+def test_lm_loss_is_next_byte_cross_entropy_with_padding_weighted_zero():
+  model = models.build_model(LM)
+  tokens = np.array(jax.random.randint(jax.random.key(0), (2, 9), 1, 257))
+  tokens[1, 6:] = 0  # row 1 is 6 bytes then padding
+  params = model.init(jax.random.key(1), {"tokens": jnp.asarray(tokens)}, task=LM_TASK)["params"]
+  loss, metrics, logits = _lm_logits(model, params, jnp.asarray(tokens))
+  assert logits.shape == (2, 8, 257)
+  # Position s predicts byte s + 1; targets equal to 0 (padding) weigh nothing.
+  targets = tokens[:, 1:]
+  m = logits.max(-1, keepdims=True)
+  lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
+  nll = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  w = (targets != 0).astype(np.float64)
+  assert w.sum() == 8 + 5
+  np.testing.assert_allclose(loss, (nll * w).sum() / w.sum(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["accuracy"],
+                             ((logits.argmax(-1) == targets) * w).sum() / w.sum(), rtol=1e-6)
+  np.testing.assert_allclose(metrics["bits_per_byte"], loss / np.log(2.0), rtol=1e-6)
+  assert abs(float(loss) - np.log(257)) < 1.0  # near uniform at init
+
+
+def test_lm_logits_are_causal():
+  """Changing byte j changes the logits at input positions >= j and none before."""
+  model = models.build_model(LM)
+  tokens = np.array(jax.random.randint(jax.random.key(0), (1, 9), 1, 257))
+  params = model.init(jax.random.key(1), {"tokens": jnp.asarray(tokens)}, task=LM_TASK)["params"]
+  _, _, before = _lm_logits(model, params, jnp.asarray(tokens))
+  j = 4
+  tokens[0, j] = tokens[0, j] % 256 + 1
+  _, _, after = _lm_logits(model, params, jnp.asarray(tokens))
+  np.testing.assert_allclose(after[0, :j], before[0, :j], rtol=1e-5, atol=1e-6)
+  assert np.all(np.abs(after[0, j:] - before[0, j:]).max(-1) > 1e-4)
+
+
+def test_build_model_names_unknown_keys():
+  with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_layer'\] in config.model; valid"):
+    models.build_model({**IMP, "num_layer": 2})
+  with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_expert'\] in config.model.moe"):
+    models.build_model({**IMP, "moe": {"num_expert": 4}})
+  with pytest.raises(ValueError, match=r"model.name='gpt' is not supported"):
+    models.build_model({**IMP, "name": "gpt"})

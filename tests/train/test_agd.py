@@ -1,0 +1,63 @@
+"""AGD pieces: task validation, the sampler, and one compile per task."""
+import collections
+
+import jax.numpy as jnp
+import pytest
+
+from moe_jax.train.agd import StepCache, Task, TaskSampler, tasks_from_config
+
+
+def _task(name, **kw):
+  return Task(name=name, **{"kind": "classify", "source": "digits_image", "num_classes": 10, **kw})
+
+
+def test_weighted_sampler_follows_weights_and_is_a_function_of_step():
+  tasks = [_task("a", weight=3.0), _task("b", weight=1.0)]
+  sampler = TaskSampler(tasks, "weighted", seed=7)
+  picks = [sampler.task_at(s).name for s in range(4000)]
+  share_a = picks.count("a") / len(picks)
+  assert 0.72 < share_a < 0.78  # 3 / (3 + 1), binomial sd ~0.007
+  again = TaskSampler(tasks, "weighted", seed=7)
+  assert [again.task_at(s).name for s in range(3990, 4000)] == picks[3990:]
+  other = TaskSampler(tasks, "weighted", seed=8)
+  assert [other.task_at(s).name for s in range(100)] != picks[:100]
+
+
+def test_interval_sampler_runs_each_task_for_its_interval():
+  sampler = TaskSampler([_task("a", weight=2), _task("b", weight=1)], "interval")
+  assert [sampler.task_at(s).name for s in range(7)] == ["a", "a", "b", "a", "a", "b", "a"]
+
+
+def test_step_cache_compiles_once_per_task():
+  cache = StepCache(lambda state, batch, task: state + batch["x"].sum(), donate_state=False)
+  a, b = _task("a"), _task("b")
+  state = jnp.zeros(())
+  for task, n in [(a, 4), (b, 6), (a, 4), (b, 6), (a, 4)]:
+    state = cache(state, {"x": jnp.ones((n,))}, task)
+  assert cache.compiles == {"a": 1, "b": 1}
+  assert float(state) == 24.0
+  assert set(cache.compile_seconds) == {"a", "b"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kind="segment"), r"kind='segment' is not supported"),
+    (dict(kind="contrastive", modalities=("image",)), r"needs 2 modalities"),
+    (dict(num_classes=1), r"num_classes=1 is out of range"),
+    (dict(batch_size=10, microbatches=3), r"batch_size=10 is not divisible by microbatches=3"),
+    (dict(modalities=("smell",)), r"modalities='smell' is not supported"),
+    (dict(drop_rates=(("image", 1.0),)), r"drop_rates\[image\]=1.0 must be a number in \[0, 1\)"),
+])
+def test_task_rejects_bad_fields(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    _task("t", **kwargs)
+
+
+def test_tasks_from_config_lists_valid_keys_and_fills_classes():
+  with pytest.raises(ValueError, match=r"unknown key\(s\) \['batchsize'\] in config.tasks.t; "
+                                       r"valid keys: batch_size"):
+    tasks_from_config({"t": {"kind": "classify", "source": "x", "batchsize": 4}})
+  Src = collections.namedtuple("Src", "num_classes class_names")
+  (t,) = tasks_from_config({"t": {"kind": "classify", "source": "x", "drop_rates": {"image": 0.5}}},
+                           lambda spec, kw: Src(3, ["a", "b", "c"]))
+  assert t.num_classes == 3 and t.class_names == ("a", "b", "c")
+  assert t.drop_rate("image") == 0.5 and t.drop_rate("text") == 0.0

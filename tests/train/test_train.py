@@ -1,0 +1,206 @@
+"""End to end: train_and_evaluate on shrunk configs, resume after SIGKILL, failures, CLI errors."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments.configs import imp_tiny, lm_tiny
+from moe_jax.data import sources
+from moe_jax.train.agd import Task
+from moe_jax.train import TrainingError, evaluate, train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def imp_config(tasks=("image_cls", "image_text"), **train):
+  c = imp_tiny.get_config("smoke")
+  for name in list(c.tasks.keys()):
+    if name not in tasks:
+      del c.tasks[name]
+  for t in c.tasks.values():
+    t.batch_size = 8
+  c.train.update(train)
+  return c
+
+
+def test_agd_compiles_each_task_once_and_writes_outputs(tmp_path):
+  c = imp_config(("image_cls", "audio_cls", "image_text"), num_steps=50, log_every=25,
+                 eval_every=50, checkpoint_every=25)
+  summary = train_and_evaluate(c, str(tmp_path))
+  assert summary["compiles"] == {"image_cls": 1, "audio_cls": 1, "image_text": 1}
+  assert set(summary["compile_seconds"]) == {"image_cls", "audio_cls", "image_text"}
+  # Eval means over eval_batches=1 batch of 8 examples: whole counts of correct examples.
+  for name, key in (("image_cls", "accuracy"), ("image_text", "zero_shot_accuracy")):
+    assert summary["eval"][name]["eval_batches"] == 1
+    correct = summary["eval"][name][key] * 8
+    assert abs(correct - round(correct)) < 1e-6, (name, key, correct)
+  assert "moe/dropped_fraction" in summary["eval"]["image_cls"]
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  assert on_disk["final_step"] == 50 and on_disk["eval"].keys() == summary["eval"].keys()
+  assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["25", "50"]  # keep_checkpoints=2
+  # Every train log line carries each task's loss and the MoE metrics.
+  logged = summary["train_history"][-1]
+  assert {"train/image_cls/loss", "train/image_text/moe/router_entropy"} <= set(logged)
+
+
+def test_mixed_batch_baseline_compiles_once(tmp_path):
+  c = imp_config(num_steps=3, log_every=3, eval_every=3, checkpoint_every=3)
+  c.agd.mode = "mixed"
+  summary = train_and_evaluate(c, str(tmp_path))
+  assert summary["compiles"] == {"mixed": 1}
+  assert "train/image_text/loss" in summary["train_history"][-1]
+
+
+def test_one_step_under_mock_tfds(tmp_path):
+  c = imp_config(num_steps=1, log_every=1, eval_every=1, checkpoint_every=1)
+  c.tasks = {"mnist": dict(kind="classify", source="tfds:mnist:train",
+                           eval_source="tfds:mnist:test", modalities=("image",), batch_size=4,
+                           image_size=8, source_args={"feature_map": {"image": "image",
+                                                                      "label": "label"}})}
+  with tfds.testing.mock_data(num_examples=8):
+    summary = train_and_evaluate(c, str(tmp_path))
+  assert summary["compiles"] == {"mnist": 1}
+  assert summary["eval"]["mnist"]["eval_batches"] == 1  # smoke: eval_batches=1 batch of 4
+  correct = summary["eval"]["mnist"]["accuracy"] * 4
+  assert abs(correct - round(correct)) < 1e-6, correct
+
+
+class _Batches:
+  def __init__(self, batches):
+    self.batches = batches
+
+  def epoch_batches(self):
+    return iter(self.batches)
+
+
+def test_evaluate_averages_batches_up_to_the_limit_and_adds_zero_shot():
+  def eval_step(params, batch, task, zero_shot=False):
+    del params, task
+    return {"zero_shot_accuracy": batch["zs"]} if zero_shot else {"loss": batch["loss"]}
+
+  contrast = Task("c", "contrastive", "x", modalities=("image", "text"), class_names=("a", "b"))
+  classify = Task("k", "classify", "x", num_classes=2)
+  no_text = Task("n", "contrastive", "x", modalities=("image", "audio"))
+  iters = {"c": _Batches([{"loss": 1.0, "zs": 0.5}, {"loss": 3.0, "zs": 1.0},
+                          {"loss": 100.0, "zs": 0.0}]),  # past max_batches: never read
+           "k": _Batches([{"loss": 2.0}]),
+           "n": _Batches([{"loss": 4.0, "zs": 1.0}, {"loss": 6.0, "zs": 1.0}])}
+  out = evaluate(eval_step, None, [contrast, classify, no_text], iters, max_batches=2)
+  assert out == {"c": {"loss": 2.0, "zero_shot_accuracy": 0.75, "eval_batches": 2},
+                 "k": {"loss": 2.0, "eval_batches": 1},
+                 "n": {"loss": 5.0, "eval_batches": 2}}
+
+
+class NanAfter:
+  """digits_image whose 5th and later reads are NaN: init reads 1, steps 1-3 read 3 more."""
+
+  splits = ("train", "test")
+  reads = 0
+
+  def __init__(self, split="train"):
+    self._base = sources.SOURCES["digits_image"](split)
+    self.class_names, self.num_classes = self._base.class_names, self._base.num_classes
+
+  def __len__(self):
+    return len(self._base)
+
+  def __getitem__(self, i):
+    ex = dict(self._base[i])
+    NanAfter.reads += 1
+    if NanAfter.reads >= 5:
+      ex["image"] = ex["image"] * np.nan
+    return ex
+
+
+def test_nan_loss_stops_with_step_and_task_and_keeps_checkpoint(tmp_path, monkeypatch):
+  monkeypatch.setitem(sources.SOURCES, "nan_digits", NanAfter)
+  monkeypatch.setattr(NanAfter, "reads", 0)
+  c = imp_config(("image_cls",), num_steps=10, log_every=1, eval_every=100, checkpoint_every=1)
+  c.tasks.image_cls.source = "nan_digits:test"
+  c.tasks.image_cls.eval_source = None
+  c.tasks.image_cls.batch_size = 1
+  with pytest.raises(TrainingError, match=r"non-finite loss at step (\d+) \(task image_cls\)") as e:
+    train_and_evaluate(c, str(tmp_path))
+  assert "non-finite loss at step 4 (task image_cls)" in str(e.value)
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [2, 3]  # keep 2
+  assert "last good checkpoint (step 3) is untouched" in str(e.value)
+
+
+def test_unwritable_workdir_is_one_clear_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(TrainingError, match=r"workdir '.*file/run' is not writable"):
+    train_and_evaluate(imp_config(), str(blocker / "run"))
+
+
+def _cli(*args, env=None):
+  return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO,
+                        capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_reports_unknown_config_keys_and_missing_data(tmp_path):
+  bad_key = _cli("--config=experiments/configs/imp_tiny.py", "--config.model.moe.num_expertz=3",
+                 f"--workdir={tmp_path}")
+  assert bad_key.returncode != 0
+  last = bad_key.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: unknown config key 'num_expertz'") and "num_experts" in last
+  assert "Traceback" not in bad_key.stderr
+  no_data = _cli("--config=experiments/configs/imp_tiny.py:smoke",
+                 "--config.tasks.image_cls.source=tfds:not_a_real_dataset_xyz",
+                 f"--workdir={tmp_path}")
+  assert no_data.returncode != 0 and "Traceback" not in no_data.stderr
+  assert "not_a_real_dataset_xyz" in no_data.stderr.strip().splitlines()[-1]
+
+
+def _final_params(workdir, step):
+  restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step),
+                                                             "state"))
+  return restored["params"]
+
+
+def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
+  """A run killed mid-way and restarted ends with the same parameters and metrics."""
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  args = ["--config=experiments/configs/lm_tiny.py:smoke", "--config.train.num_steps=40",
+          "--config.train.checkpoint_every=4", "--config.train.eval_every=40",
+          "--config.train.log_every=4"]
+  whole, parts = tmp_path / "whole", tmp_path / "parts"
+  assert _cli(*args, f"--workdir={whole}", env=env).returncode == 0
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args, f"--workdir={parts}"],
+                          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (parts / "checkpoints" / "12").exists():
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = sorted(int(s) for s in os.listdir(parts / "checkpoints") if s.isdigit())
+  assert 12 <= max(done) < 40, f"kill did not land mid-run: checkpoints {done}"
+  rerun = _cli(*args, f"--workdir={parts}", env=env)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert "resumed from" in rerun.stdout
+  a, b = _final_params(whole, 40), _final_params(parts, 40)
+  flat_a, flat_b = dict(_flatten(a)), dict(_flatten(b))
+  assert flat_a.keys() == flat_b.keys()
+  for k in flat_a:
+    np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=k)
+  eval_a = json.loads((whole / "summary.json").read_text())["eval"]
+  eval_b = json.loads((parts / "summary.json").read_text())["eval"]
+  assert eval_a == eval_b
+
+
+def _flatten(tree, prefix=""):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, f"{prefix}{k}/")
+    else:
+      yield f"{prefix}{k}", np.asarray(v)
