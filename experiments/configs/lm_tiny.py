@@ -15,7 +15,8 @@ import ml_collections
 
 # Every MoE layer routes each token to K=2 experts of width 256: 512 active hidden
 # units, the dense FFN width (mlp_dim) used everywhere in lm_tiny_dense.
-MOE = dict(num_experts=8, expert_hidden_dim=256, router=dict(name="top_k", k=2), dispatch="einsum",
+MOE = dict(num_experts=8, expert_hidden_dim=256, dispatch="einsum",
+           router=dict(name="top_k", k=2, score="softmax", renormalize=True, bias_update_rate=0.0),
            capacity_factor=1.25, eval_capacity_factor=2.0, group_size=256,
            load_balance_weight=1e-2, z_loss_weight=1e-3)
 

@@ -16,6 +16,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax.nn import losses
+from moe_jax.nn.routing import ROUTER_STATE
 from moe_jax.train.agd import Task
 from moe_jax.parallel.partitioning import state_shardings
 from moe_jax.parallel.sharding import DEFAULT_RULES
@@ -30,6 +31,16 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # raw uint32[2] key: plain arrays checkpoint everywhere
+  # Routing state updated by the forward pass, not the optimizer ({} when no router has any).
+  router_state: Any = flax.struct.field(default_factory=dict)
+
+  def variables(self) -> dict[str, Any]:
+    """What model.apply takes: params and, when there is any, the router state."""
+    return _variables(self.params, self.router_state)
+
+
+def _variables(params, router_state) -> dict[str, Any]:
+  return {"params": params, **({ROUTER_STATE: router_state} if router_state else {})}
 
 
 def make_optimizer(opt_cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
@@ -62,58 +73,73 @@ def _split_microbatches(batch, n: int):
 
 
 def make_train_step(model, tx: optax.GradientTransformation, aux_loss_weight: float = 1.0):
-  """(state, batch, task) -> (state, metrics) for one AGD task."""
+  """(state, batch, task) -> (state, metrics) for one AGD task.
 
-  def loss_fn(params, batch, task, rngs):
-    (loss, metrics), coll = model.apply({"params": params}, batch, task=task, deterministic=False,
-                                        rngs=rngs, mutable=MOE_COLLECTIONS)
+  Router state (e.g. a balancing bias) goes into each forward pass and its updated
+  value comes out with the gradients; microbatches and mixed-mode tasks see it in
+  turn, as consecutive steps would.
+  """
+
+  def loss_fn(params, router_state, batch, task, rngs):
+    (loss, metrics), coll = model.apply(_variables(params, router_state), batch, task=task,
+                                        deterministic=False, rngs=rngs,
+                                        mutable=MOE_COLLECTIONS + [ROUTER_STATE])
     aux = losses.sum_aux_losses(coll)
     metrics = {**metrics, **summarize_moe(coll), "aux_loss": aux}
-    return loss + aux_loss_weight * aux, metrics
+    return loss + aux_loss_weight * aux, (metrics, coll.get(ROUTER_STATE, router_state))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def task_grads(params, batch, task, rng):
+  def task_grads(params, router_state, batch, task, rng):
+    """((loss, metrics), grads, new router state), averaged over the microbatches."""
     rngs = dict(zip(RNG_STREAMS, jax.random.split(rng, len(RNG_STREAMS))))
     if task.microbatches == 1:
-      return grad_fn(params, batch, task, rngs)
+      (total, (metrics, router_state)), grads = grad_fn(params, router_state, batch, task, rngs)
+      return (total, metrics), grads, router_state
 
     def accumulate(carry, xs):
+      acc, rs = carry
       mb, i = xs
       mb_rngs = {k: jax.random.fold_in(r, i) for k, r in rngs.items()}
-      out = grad_fn(params, mb, task, mb_rngs)
-      return jax.tree.map(jnp.add, carry, out), None
+      (total, (metrics, rs)), grads = grad_fn(params, rs, mb, task, mb_rngs)
+      return (jax.tree.map(jnp.add, acc, ((total, metrics), grads)), rs), None
 
     mbs = _split_microbatches(batch, task.microbatches)
     # task is static (not an array): close over it rather than pass it to eval_shape.
-    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda p, mb, r: grad_fn(p, mb, task, r), params, jax.tree.map(lambda x: x[0], mbs),
-        rngs))
-    total, _ = jax.lax.scan(accumulate, zero, (mbs, jnp.arange(task.microbatches)))
-    return jax.tree.map(lambda x: x / task.microbatches, total)
+    (total0, (metrics0, _)), grads0 = jax.eval_shape(
+        lambda p, rs, mb, r: grad_fn(p, rs, mb, task, r), params, router_state,
+        jax.tree.map(lambda x: x[0], mbs), rngs)
+    zero = jax.tree.map(jnp.zeros_like, ((total0, metrics0), grads0))
+    (sums, router_state), _ = jax.lax.scan(accumulate, (zero, router_state),
+                                           (mbs, jnp.arange(task.microbatches)))
+    (total, metrics), grads = jax.tree.map(lambda x: x / task.microbatches, sums)
+    return (total, metrics), grads, router_state
 
-  def apply_grads(state: TrainState, grads, metrics):
+  def apply_grads(state: TrainState, grads, metrics, router_state):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     metrics = {**metrics, "grad_norm": grad_norm}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         router_state=router_state), metrics
 
   def train_step(state: TrainState, batch, task: Task):
     rng = jax.random.fold_in(state.rng, state.step)
-    (total, metrics), grads = task_grads(state.params, batch, task, rng)
-    return apply_grads(state, grads, {**metrics, "total_loss": total})
+    (total, metrics), grads, router_state = task_grads(state.params, state.router_state, batch,
+                                                        task, rng)
+    return apply_grads(state, grads, {**metrics, "total_loss": total}, router_state)
 
   def mixed_step(state: TrainState, batches, tasks: "MixedTasks"):
     """Baseline: every task each step, losses (and so gradients) summed."""
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, metrics = None, {}
+    grads, metrics, router_state = None, {}, state.router_state
     for i, task in enumerate(tasks.tasks):
-      (total, m), g = task_grads(state.params, batches[task.name], task, jax.random.fold_in(rng, i))
+      (total, m), g, router_state = task_grads(state.params, router_state, batches[task.name],
+                                               task, jax.random.fold_in(rng, i))
       grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
       metrics.update({f"{task.name}/{k}": v for k, v in m.items()})
       metrics[f"{task.name}/total_loss"] = total
-    return apply_grads(state, grads, metrics)
+    return apply_grads(state, grads, metrics, router_state)
 
   return train_step, mixed_step
 
@@ -141,10 +167,11 @@ class MixedTasks:
 
 
 def make_eval_step(model):
-  """(params, batch, task, zero_shot) -> metrics, deterministic."""
+  """(variables, batch, task, zero_shot) -> metrics, deterministic; variables as
+  TrainState.variables() gives them (params and any router state)."""
 
-  def eval_step(params, batch, task: Task, zero_shot: bool = False):
-    (_, metrics), coll = model.apply({"params": params}, batch, task=task, deterministic=True,
+  def eval_step(variables, batch, task: Task, zero_shot: bool = False):
+    (_, metrics), coll = model.apply(variables, batch, task=task, deterministic=True,
                                      zero_shot=zero_shot, mutable=MOE_COLLECTIONS)
     return {**metrics, **({} if zero_shot else summarize_moe(coll))}
 
@@ -152,11 +179,14 @@ def make_eval_step(model):
 
 
 def _init_fn(model, tasks: Sequence[Task]):
+  """rng, batches -> {"params": ..., "router_state": ...}: every task's init, deep-merged."""
+
   def init_all(rng, batches):
-    merged: dict[str, Any] = {}
+    merged: dict[str, Any] = {"params": {}, ROUTER_STATE: {}}
     for task in tasks:
-      params = model.init(rng, batches[task.name], task=task)["params"]
-      merged = _deep_merge(merged, flax.core.unfreeze(params))
+      variables = flax.core.unfreeze(model.init(rng, batches[task.name], task=task))
+      for col in merged:
+        merged[col] = _deep_merge(merged[col], variables.get(col, {}))
     return merged
   return init_all
 
@@ -169,6 +199,14 @@ def init_params(model, example_batches: Mapping[str, Any], tasks: Sequence[Task]
   tasks (the encoder) get identical values from every task's init. With
   `out_shardings`, each device computes only its own shards.
   """
+  return init_variables(model, example_batches, tasks, seed,
+                        None if out_shardings is None else {"params": out_shardings,
+                                                            ROUTER_STATE: None})["params"]
+
+
+def init_variables(model, example_batches: Mapping[str, Any], tasks: Sequence[Task], seed: int,
+                   out_shardings: Any = None) -> dict[str, Any]:
+  """{"params", "router_state"} touched by any task (see init_params)."""
   init_all = jax.jit(_init_fn(model, tasks), out_shardings=out_shardings)
   return init_all(jax.random.PRNGKey(seed), {t.name: example_batches[t.name] for t in tasks})
 
@@ -179,19 +217,23 @@ def init_train_state(model, tx: optax.GradientTransformation, example_batches: M
 
   eval_shape gives the shapes, the logical axis rules their shardings, and jit with
   out_shardings builds every shard where it lives: full unsharded parameters or
-  optimizer state never exist on one device.
+  optimizer state never exist on one device. Router state is sharded like the
+  parameters (its names carry axis letters too: bias_E follows the expert axis).
   """
   batches = {t.name: example_batches[t.name] for t in tasks}
   rng = jax.random.PRNGKey(seed)
   abstract = jax.eval_shape(_init_fn(model, tasks), rng, batches)
-  param_sh = state_shardings(mesh, abstract, rules)
-  params = init_params(model, batches, tasks, seed, out_shardings=param_sh)
-  opt_sh = state_shardings(mesh, jax.eval_shape(tx.init, abstract), rules)
+  var_sh = {col: state_shardings(mesh, tree, rules) for col, tree in abstract.items()}
+  variables = init_variables(model, batches, tasks, seed, out_shardings=var_sh)
+  params = variables["params"]
+  opt_sh = state_shardings(mesh, jax.eval_shape(tx.init, abstract["params"]), rules)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   rep = NamedSharding(mesh, P())
-  shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)
+  shardings = TrainState(step=rep, params=var_sh["params"], opt_state=opt_sh, rng=rep,
+                         router_state=var_sh[ROUTER_STATE])
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
-                     opt_state=opt_state, rng=jax.device_put(jax.random.PRNGKey(seed + 1), rep))
+                     opt_state=opt_state, rng=jax.device_put(jax.random.PRNGKey(seed + 1), rep),
+                     router_state=variables[ROUTER_STATE])
   return state, shardings
 
 

@@ -72,7 +72,7 @@ def _finite_or_raise(step: int, task_name: str, metrics: Mapping[str, float],
                         f"The last good checkpoint (step {last_checkpoint}) is untouched")
 
 
-def evaluate(eval_step, params, tasks, eval_iters, max_batches: int,
+def evaluate(eval_step, variables, tasks, eval_iters, max_batches: int,
              put=lambda batch: batch) -> dict[str, dict]:
   """Mean metrics over up to `max_batches` eval batches of every task (+ zero-shot).
 
@@ -87,9 +87,9 @@ def evaluate(eval_step, params, tasks, eval_iters, max_batches: int,
       if n >= max_batches:
         break
       batch = put(batch)
-      metrics = eval_step(params, batch, task)
+      metrics = eval_step(variables, batch, task)
       if task.kind == "contrastive" and task.class_names and task.modalities[1] == "text":
-        metrics = {**metrics, **eval_step(params, batch, task, zero_shot=True)}
+        metrics = {**metrics, **eval_step(variables, batch, task, zero_shot=True)}
       for k, v in jax.device_get(metrics).items():
         sums[k] = sums.get(k, 0.0) + float(v)
       n += 1
@@ -199,7 +199,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
         ckpt.save(done, state, {n: it.get_state() for n, it in train_iters.items()})
         last_checkpoint = done
       if eval_iters and (done % eval_every == 0 or done == num_steps):
-        results = evaluate(eval_step, state.params, tasks, eval_iters, eval_batches, put)
+        results = evaluate(eval_step, state.variables(), tasks, eval_iters, eval_batches, put)
         final = results if done == num_steps else None
         writer.scalars(done, {f"eval/{t}/{k}": v for t, m in results.items() for k, v in m.items()})
         for t, m in results.items():
@@ -212,7 +212,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     ckpt.close()
 
   if final is None:  # e.g. resumed from the final checkpoint: nothing ran
-    final = evaluate(eval_step, state.params, tasks, eval_iters, eval_batches, put)
+    final = evaluate(eval_step, state.variables(), tasks, eval_iters, eval_batches, put)
   summary = {
       "final_step": num_steps, "resumed_from": start or None, "mode": mode,
       "eval": final, "compile_seconds": step_cache.compile_seconds,

@@ -294,3 +294,48 @@ def test_numpy_scalars_are_accepted_as_config_values():
   cfg = MoEConfig(num_experts=np.int64(4), capacity_factor=np.float32(1.5),
                   router=dict(name="top_k", k=np.int64(2), jitter=np.float64(0.1)))
   assert cfg.num_experts == 4 and cfg.router.get("k") == 2
+
+
+# Sigmoid scores worked by hand: sigmoid(ln 9) = 0.9, sigmoid(ln 3) = 0.75,
+# sigmoid(0) = 0.5, sigmoid(-ln 3) = 0.25.
+SIG = np.log(np.array([[3.0, 1.0, 1 / 3, 9.0],     # scores [0.75, 0.5, 0.25, 0.9]
+                       [1 / 3, 9.0, 1.0, 3.0]]))   # scores [0.25, 0.9, 0.5, 0.75]
+
+
+def test_sigmoid_scores_renormalised_and_scaled():
+  d = _route(TopKRouter(num_experts=4, k=2, score="sigmoid", routed_scaling_factor=2.5), SIG)
+  # token 0: top-2 = e3 (0.9), e0 (0.75) -> 2.5 * [0.9, 0.75] / 1.65
+  # token 1: top-2 = e1 (0.9), e3 (0.75) -> the same weights
+  np.testing.assert_array_equal(d.expert_index_TK, [[3, 0], [1, 3]])
+  np.testing.assert_allclose(d.weight_TK, [[2.5 * 0.9 / 1.65, 2.5 * 0.75 / 1.65]] * 2, rtol=1e-5)
+  raw = _route(TopKRouter(num_experts=4, k=2, score="sigmoid", renormalize=False), SIG)
+  np.testing.assert_allclose(raw.weight_TK, [[0.9, 0.75], [0.9, 0.75]], rtol=1e-5)
+  # Aux losses see scores normalised per token (each row sums to 2.4):
+  # P = ([0.75, 0.5, 0.25, 0.9] + [0.25, 0.9, 0.5, 0.75]) / 2 / 2.4 = [1, 1.4, 0.75, 1.65] / 4.8
+  # f = assignments [1, 1, 0, 2] / 4; load balance = 4 * (1 + 1.4 + 0 + 3.3) / 19.2.
+  np.testing.assert_allclose(d.aux["load_balance_loss"], 4 * 5.7 / 19.2, rtol=1e-5)
+
+
+def test_group_limited_top_k_keeps_the_best_groups_by_top_two_sum():
+  # Groups {e0, e1} and {e2, e3}; topk_group=1.
+  # token 0: group sums 0.75 + 0.5 = 1.25 vs 0.9 + 0.25 = 1.15 -> group 0 -> e0, e1
+  #   (plain top-2 would take e3, e0: the best single expert is in the losing group);
+  # token 1: 0.9 + 0.25 = 1.15 vs 0.75 + 0.5 = 1.25 -> group 1 -> e3, e2.
+  d = _route(TopKRouter(num_experts=4, k=2, score="sigmoid", n_group=2, topk_group=1), SIG)
+  np.testing.assert_array_equal(d.expert_index_TK, [[0, 1], [3, 2]])
+  np.testing.assert_allclose(d.weight_TK, [[0.6, 0.4], [0.6, 0.4]], rtol=1e-5)
+  both = _route(TopKRouter(num_experts=4, k=2, score="sigmoid", n_group=2, topk_group=2), SIG)
+  np.testing.assert_array_equal(both.expert_index_TK, [[3, 0], [1, 3]])  # all groups kept
+
+
+@pytest.mark.parametrize("router, message", [
+    (dict(n_group=3), r"n_group=3 does not divide num_experts=4"),
+    (dict(n_group=2, topk_group=3), r"topk_group=3 is out of range; allowed: 1 <= topk_group <= 2"),
+    (dict(k=3, n_group=2, topk_group=1), r"k=3 is more than the 2 experts in the kept groups"),
+    (dict(score="tanh"), r"score='tanh' is not supported; allowed: 'softmax', 'sigmoid'"),
+    (dict(fused=True, score="sigmoid"), r"fused=True runs the softmax top-k kernel"),
+    (dict(routed_scaling_factor=0), r"routed_scaling_factor=0 must be a number > 0"),
+])
+def test_top_k_rejects_inconsistent_group_and_score_options(router, message):
+  with pytest.raises(ValueError, match=message):
+    MoEConfig(num_experts=4, router=dict(name="top_k", **{"k": 2, **router}))

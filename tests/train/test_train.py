@@ -161,17 +161,22 @@ def test_cli_reports_unknown_config_keys_and_missing_data(tmp_path):
   assert "not_a_real_dataset_xyz" in no_data.stderr.strip().splitlines()[-1]
 
 
+def _final_state(workdir, step):
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step),
+                                                         "state"))
+
+
 def _final_params(workdir, step):
-  restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step),
-                                                             "state"))
-  return restored["params"]
+  return _final_state(workdir, step)["params"]
 
 
 def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
   """A run killed mid-way and restarted ends with the same parameters and metrics."""
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  # Bias balancing on: its router state must survive the kill and resume bit for bit.
   args = ["--config=experiments/configs/lm_tiny.py:smoke", "--config.train.num_steps=40",
+          "--config.model.moe.router.bias_update_rate=0.01",
           "--config.train.checkpoint_every=4", "--config.train.eval_every=40",
           "--config.train.log_every=4"]
   whole, parts = tmp_path / "whole", tmp_path / "parts"
@@ -189,6 +194,13 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert "resumed from" in rerun.stdout
   a, b = _final_params(whole, 40), _final_params(parts, 40)
+  bias = [v for k, v in _flatten(_final_state(whole, 40)["router_state"]) if k.endswith("bias_E")]
+  assert bias and any(np.abs(x).max() > 0 for x in bias)  # the bias did move
+  assert dict(_flatten(_final_state(whole, 40)["router_state"])).keys() == dict(
+      _flatten(_final_state(parts, 40)["router_state"])).keys()
+  for (k, x), (_, y) in zip(_flatten(_final_state(whole, 40)["router_state"]),
+                            _flatten(_final_state(parts, 40)["router_state"])):
+    np.testing.assert_array_equal(x, y, err_msg=k)
   flat_a, flat_b = dict(_flatten(a)), dict(_flatten(b))
   assert flat_a.keys() == flat_b.keys()
   for k in flat_a:

@@ -4,7 +4,7 @@ Built in: "top_k" (top_k.py), "expert_choice" (expert_choice.py). A new router i
 one file here that registers itself; `ROUTERS.get(name)` imports
 `moe_jax.nn.routing.<name>` on first use.
 """
-from moe_jax.nn.routing.base import (LAYER_FIELDS, ROUTERS, RouterSpec, RoutingDecision,
+from moe_jax.nn.routing.base import (LAYER_FIELDS, ROUTER_STATE, ROUTERS, RouterSpec, RoutingDecision,
                                      check_router_spec, check_token_mask, make_router,
                                      resolve_group_size, router_logits, router_options,
                                      token_choice_capacity)
@@ -13,7 +13,7 @@ from moe_jax.nn.routing.top_k import TopKRouter  # isort: skip
 from moe_jax.nn.routing.expert_choice import ExpertChoiceRouter, expert_choice_capacity
 
 __all__ = [
-    "ExpertChoiceRouter", "LAYER_FIELDS", "ROUTERS", "RouterSpec", "RoutingDecision",
+    "ExpertChoiceRouter", "LAYER_FIELDS", "ROUTER_STATE", "ROUTERS", "RouterSpec", "RoutingDecision",
     "TopKRouter", "check_router_spec", "check_token_mask", "expert_choice_capacity",
     "make_router", "resolve_group_size", "router_logits", "router_options",
     "token_choice_capacity",

@@ -28,6 +28,10 @@ from moe_jax import validation as V
 from moe_jax.registry import Registry
 
 ROUTERS = Registry("router", package="moe_jax.nn.routing")
+# Non-trainable routing state (DeepSeek-V3's balancing bias, ...): a Flax collection the
+# router updates in the forward pass while training; the train step keeps the new value
+# in TrainState.router_state (the optimizer never sees it), checkpoints save it.
+ROUTER_STATE = "router_state"
 
 # Filled in by the MoE layer from MoEConfig, not router options the user sets.
 LAYER_FIELDS = ("num_experts", "capacity_factor", "eval_capacity_factor", "group_size",

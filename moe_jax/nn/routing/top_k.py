@@ -1,6 +1,7 @@
-"""Token-choice top-k router (Shazeer et al. 2017, arXiv:1701.06538; Switch, arXiv:2101.03961).
+"""Token-choice top-k routers: Shazeer et al. 2017 (arXiv:1701.06538), Switch
+(arXiv:2101.03961), and DeepSeek-V3's sigmoid, group-limited variant (arXiv:2412.19437).
 
-Axis letters: T tokens, D model dim, E experts, K slots per token.
+Axis letters: T tokens, D model dim, E experts, K slots per token, G expert groups.
 """
 from __future__ import annotations
 
@@ -12,27 +13,64 @@ import jax.numpy as jnp
 
 from moe_jax import validation as V
 from moe_jax.nn import losses
-from moe_jax.nn.routing.base import ROUTERS, RoutingDecision, check_token_mask, router_logits
+from moe_jax.nn.routing.base import (ROUTER_STATE, ROUTERS, RoutingDecision, check_token_mask,
+                                     router_logits)
+
+SCORES = ("softmax", "sigmoid")
+
+
+def group_limited_mask(select_TE: jax.Array, n_group: int, topk_group: int) -> jax.Array:
+  """DeepSeek-V3 node-limited routing (arXiv:2412.19437, sec. 2.1.2): experts split into
+  n_group equal groups; a group's score is the sum of its two best selection scores;
+  each token keeps the topk_group best groups. Returns bool [T, E] of allowed experts."""
+  T, E = select_TE.shape
+  select_TGE = select_TE.reshape(T, n_group, E // n_group)
+  best = min(2, E // n_group)
+  group_score_TG = jax.lax.top_k(select_TGE, best)[0].sum(-1)
+  _, keep_group = jax.lax.top_k(group_score_TG, topk_group)
+  keep_TG = jnp.zeros((T, n_group), bool).at[jnp.arange(T)[:, None], keep_group].set(True)
+  return jnp.repeat(keep_TG, E // n_group, axis=1)
 
 
 @ROUTERS.register("top_k")
 class TopKRouter(nn.Module):
-  """Token choice: softmax over experts, then each token takes its top-k.
+  """Token choice: score every expert, then each token takes its top-k.
 
-  Options: `k` slots per token; `renormalize` rescales the k weights to sum to 1
-  (never for k=1: p/p = 1 would cut the router off from the task gradient, so a
-  single slot is gated by its probability as in Switch); `batch_priority` sets
-  `priority_T` to each token's top router probability, so capacity-limited
-  dispatch keeps confident tokens first (V-MoE's batch priority routing,
-  arXiv:2106.05974); `jitter` multiplies router inputs by U(1-jitter, 1+jitter)
-  while training (rng "jitter"); `fused` runs softmax -> top-k -> renormalise in the
-  kernels_pallas router kernel, which also returns each slot's position in its
-  expert group (the tile layout then needs no sort); logits and aux losses stay in XLA.
+  Options:
+    k: slots per token.
+    score: "softmax" over experts (Switch, Mixtral, Qwen) or an independent
+      "sigmoid" per expert (DeepSeek-V3).
+    renormalize: rescale the k chosen scores to sum to 1 (HF's norm_topk_prob),
+      never for k=1: p/p = 1 would cut the router off from the task gradient, so a
+      single slot is gated by its score as in Switch.
+    routed_scaling_factor: multiplies the combine weights (DeepSeek-V3: 2.5).
+    n_group, topk_group: group-limited routing; experts in n_group equal groups,
+      only the topk_group groups with the largest sum of their top-2 scores are
+      eligible (1, 1: all experts).
+    batch_priority: `priority_T` = each token's top score, so capacity-limited
+      dispatch keeps confident tokens first (V-MoE, arXiv:2106.05974).
+    jitter: router inputs times U(1-jitter, 1+jitter) while training (rng "jitter").
+    bias_update_rate: aux-loss-free load balancing (DeepSeek-V3, arXiv:2412.19437
+      sec. 2.1.2; Wang et al., arXiv:2408.15664) when > 0: a per-expert bias b_E,
+      in the "router_state" collection, is added to the scores for choosing
+      experts only (never to the combine weights); after each training call,
+      b_e += rate * sign(mean load - load_e) over this call's tokens. Pass
+      mutable=["router_state"] to apply it (the train step does).
+    fused: softmax -> top-k -> renormalise in the kernels_pallas router kernel,
+      which also returns each slot's position in its expert group (the tile layout
+      then needs no sort); softmax scores, one group only.
+  Aux losses: the load-balance loss and entropy read the scores normalised to sum
+  to 1 per token (softmax: the probabilities themselves); the z-loss the logits.
   """
 
   num_experts: int
   k: int = 2
+  score: str = "softmax"
   renormalize: bool = True
+  routed_scaling_factor: float = 1.0
+  n_group: int = 1
+  topk_group: int = 1
+  bias_update_rate: float = 0.0
   batch_priority: bool = False
   jitter: float = 0.0
   fused: bool = False
@@ -41,7 +79,23 @@ class TopKRouter(nn.Module):
   def __post_init__(self):
     V.check_int_range("num_experts", self.num_experts, lo=1)
     V.check_int_range("k", self.k, lo=1, hi=self.num_experts)
+    V.check_choice("score", self.score, SCORES)
+    V.check_positive("routed_scaling_factor", self.routed_scaling_factor)
+    V.check_int_range("n_group", self.n_group, lo=1, hi=self.num_experts)
+    if self.num_experts % self.n_group:
+      raise ValueError(f"n_group={self.n_group} does not divide num_experts={self.num_experts}")
+    V.check_int_range("topk_group", self.topk_group, lo=1, hi=self.n_group)
+    per_group = self.num_experts // self.n_group
+    if self.k > self.topk_group * per_group:
+      raise ValueError(f"k={self.k} is more than the {self.topk_group * per_group} experts in "
+                       f"the kept groups (topk_group={self.topk_group} x {per_group} per group)")
     V.check_fraction("jitter", self.jitter)
+    if self.bias_update_rate < 0:
+      raise ValueError(f"bias_update_rate={self.bias_update_rate!r} must be >= 0")
+    if self.fused and (self.score != "softmax" or self.n_group > 1 or self.bias_update_rate):
+      raise ValueError("fused=True runs the softmax top-k kernel: it needs score='softmax', "
+                       f"n_group=1 and no bias balancing (got score={self.score!r}, "
+                       f"n_group={self.n_group}, bias_update_rate={self.bias_update_rate})")
     super().__post_init__()
 
   @nn.compact
@@ -51,24 +105,46 @@ class TopKRouter(nn.Module):
     valid_T = check_token_mask(token_mask_T, x_TD)
     logits_TE = router_logits(self, x_TD, self.num_experts, self.jitter, deterministic,
                               self.param_dtype)
-    probs_TE = jax.nn.softmax(logits_TE, axis=-1)
+    if self.score == "softmax":
+      scores_TE = probs_TE = jax.nn.softmax(logits_TE, axis=-1)
+    else:
+      scores_TE = jax.nn.sigmoid(logits_TE)
+      probs_TE = scores_TE / jnp.sum(scores_TE, axis=-1, keepdims=True)
     renormalize = self.renormalize and self.k > 1
+    bias = None
+    if self.bias_update_rate > 0:
+      if not (self.has_variable(ROUTER_STATE, "bias_E") or self.is_mutable_collection(ROUTER_STATE)):
+        raise ValueError("bias_update_rate > 0 keeps its bias in the 'router_state' collection: "
+                         "apply with the variables init() returned (params and router_state)")
+      bias = self.variable(ROUTER_STATE, "bias_E", jnp.zeros, (self.num_experts,), jnp.float32)
     position_TK = counts_E = None
     if self.fused:
       from kernels_pallas.router import fused_top_k_router  # pylint: disable=import-outside-toplevel
       index_TK, weight_TK, position_TK, counts_E = fused_top_k_router(
           logits_TE, k=self.k, renormalize=renormalize)
-      top_prob_T = jnp.max(probs_TE, axis=-1)
     else:
-      prob_TK, index_TK = jax.lax.top_k(probs_TE, self.k)
-      top_prob_T = prob_TK[:, 0]
-      weight_TK = prob_TK / jnp.sum(prob_TK, axis=-1, keepdims=True) if renormalize else prob_TK
+      select_TE = scores_TE
+      if bias is not None:  # for choosing only; weights below come from the scores
+        select_TE = select_TE + bias.value[None, :]
+      if self.n_group > 1:
+        allowed_TE = group_limited_mask(select_TE, self.n_group, self.topk_group)
+        select_TE = jnp.where(allowed_TE, select_TE, -jnp.inf)
+      _, index_TK = jax.lax.top_k(select_TE, self.k)
+      weight_TK = jnp.take_along_axis(scores_TE, index_TK, axis=-1)
+      if renormalize:
+        weight_TK = weight_TK / jnp.sum(weight_TK, axis=-1, keepdims=True)
+    if self.routed_scaling_factor != 1.0:
+      weight_TK = weight_TK * self.routed_scaling_factor
     assigned_TE = jax.nn.one_hot(index_TK, self.num_experts, dtype=jnp.float32).sum(1)
     mask_TK = None
     if valid_T is not None:
       assigned_TE = assigned_TE * valid_T[:, None]
       mask_TK = jnp.broadcast_to(valid_T[:, None] > 0, index_TK.shape)
       position_TK = counts_E = None  # the kernel's layout counted padding; dispatch re-sorts
+    if (bias is not None and not deterministic and not self.is_initializing()
+        and self.is_mutable_collection(ROUTER_STATE)):
+      load_E = assigned_TE.sum(0)
+      bias.value = bias.value + self.bias_update_rate * jnp.sign(load_E.mean() - load_E)
     aux = {
         "load_balance_loss": losses.load_balance_loss(probs_TE, assigned_TE, valid_T),
         "z_loss": losses.router_z_loss(logits_TE, valid_T),
@@ -80,7 +156,7 @@ class TopKRouter(nn.Module):
         expert_index_TK=index_TK.astype(jnp.int32),
         weight_TK=weight_TK,
         mask_TK=mask_TK,
-        priority_T=top_prob_T if self.batch_priority else None,
+        priority_T=jnp.max(scores_TE, axis=-1) if self.batch_priority else None,
         logits_TE=logits_TE,
         aux=aux,
         position_TK=position_TK,
