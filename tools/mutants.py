@@ -109,6 +109,13 @@ MUTANTS = (
       "                         router_state=router_state), metrics",
       "    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics",
       ("tests/nn/test_router_state.py",), "the train step drops the updated router state"),
+    M("balance_top1_counts_all_slots", "moe_jax/nn/losses.py",
+      'ranks = index_TK[:, :1] if count == "top1" else index_TK', "ranks = index_TK",
+      ("tests/nn/test_routing.py", "-k", "balance"), "Switch's top-1 count uses every slot"),
+    M("sequence_balance_over_the_batch", "moe_jax/nn/losses.py",
+      "S = group_size or T", "S = T",
+      ("tests/nn/test_routing.py", "-k", "balance"),
+      "the sequence-wise balance loss is computed over the whole batch"),
     # --- dispatch ----------------------------------------------------------------------------
     M("capacity_fills_token_major", "moe_jax/nn/dispatch/einsum.py",
       "onehot_GKSE = onehot_GSKE.transpose(0, 2, 1, 3).reshape(G, K * S, E)",

@@ -36,6 +36,41 @@ def load_balance_loss(probs_TE: jax.Array, assigned_TE: jax.Array,
   return num_experts * jnp.sum(f_E * p_E)
 
 
+BALANCE_COUNTS = ("slots", "top1", "hf")
+BALANCE_SCOPES = ("batch", "sequence")
+
+
+def balance_loss(probs_TE: jax.Array, index_TK: jax.Array, valid_T: jax.Array | None = None, *,
+                 count: str = "slots", group_size: int | None = None) -> jax.Array:
+  """The load-balancing loss E * sum_e f_e * P_e in its published variants.
+
+  P_e is the mean routing probability of expert e; f_e counts assignments:
+    "slots": the share of all T*k token->expert slots that chose e (1.0 when uniform);
+    "top1":  the share of tokens whose first choice is e (Switch, arXiv:2101.03961 eq. 4;
+             GShard uses the same top-1 count);
+    "hf":    Hugging Face's Mixtral/Qwen `load_balancing_loss_func`: per-slot-rank shares
+             summed over the k ranks, i.e. k times "slots".
+  `group_size` = S computes the loss per group of S tokens and averages the groups:
+  with S = the sequence length this is DeepSeek-V3's sequence-wise balance loss
+  (arXiv:2412.19437 eqs. 17-20, without its alpha). Without it the loss covers every
+  token of the call: under jit on a data-parallel mesh that is the whole global batch,
+  the global-batch balance loss (Qwen, arXiv:2501.11873).
+  """
+  T, E = probs_TE.shape
+  K = index_TK.shape[1]
+  ranks = index_TK[:, :1] if count == "top1" else index_TK
+  assigned_TE = jax.nn.one_hot(ranks, E, dtype=jnp.float32).sum(1)
+  if valid_T is not None:
+    assigned_TE = assigned_TE * valid_T[:, None]
+  scale = K if count == "hf" else 1
+  S = group_size or T
+  G = T // S
+  per_group = jax.vmap(load_balance_loss)(
+      probs_TE.reshape(G, S, E), assigned_TE.reshape(G, S, E),
+      None if valid_T is None else valid_T.reshape(G, S))
+  return scale * per_group.mean()
+
+
 def router_z_loss(logits_TE: jax.Array, valid_T: jax.Array | None = None) -> jax.Array:
   """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2; keeps logits small."""
   return token_mean(jnp.square(jax.nn.logsumexp(logits_TE, axis=-1)), valid_T)

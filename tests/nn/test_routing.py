@@ -339,3 +339,36 @@ def test_group_limited_top_k_keeps_the_best_groups_by_top_two_sum():
 def test_top_k_rejects_inconsistent_group_and_score_options(router, message):
   with pytest.raises(ValueError, match=message):
     MoEConfig(num_experts=4, router=dict(name="top_k", **{"k": 2, **router}))
+
+
+def test_balance_loss_counts():
+  # P_TOP_K: slot assignments e0 <- t0, t2; e1 <- t0, t1, t2; e2 <- t1; P = [0.85, 1.1, 1.05] / 3.
+  route = lambda count: _route(TopKRouter(num_experts=3, k=2, balance_count=count),
+                               np.log(P_TOP_K)).aux["load_balance_loss"]
+  np.testing.assert_allclose(route("slots"), 6.05 / 6, rtol=1e-5)   # f = [2, 3, 1] / 6
+  # top1: first choices t0 -> e0, t1 -> e2, t2 -> e1: f = [1, 1, 1] / 3 -> 3 * 3 / 9
+  np.testing.assert_allclose(route("top1"), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(route("hf"), 2 * 6.05 / 6, rtol=1e-5)  # k times "slots"
+
+
+# Two sequences of two tokens, k=2: sequence A (t0, t1) and B (t2, t3).
+P4 = np.array([[0.5, 0.3, 0.2],    # -> e0, e1
+               [0.1, 0.2, 0.7],    # -> e2, e1
+               [0.6, 0.3, 0.1],    # -> e0, e1
+               [0.7, 0.1, 0.2]])   # -> e0, e2
+
+
+def test_balance_loss_per_sequence_and_over_the_batch():
+  # A: f = [1, 2, 1] / 4, P = [0.3, 0.25, 0.45]: 3 * (0.3 + 0.5 + 0.45) / 4 = 0.9375
+  # B: f = [2, 1, 1] / 4, P = [0.65, 0.2, 0.15]: 3 * (1.3 + 0.2 + 0.15) / 4 = 1.2375
+  seq = _route(TopKRouter(num_experts=3, k=2, balance_scope="sequence", sequence_length=2),
+               np.log(P4))
+  np.testing.assert_allclose(seq.aux["load_balance_loss"], (0.9375 + 1.2375) / 2, rtol=1e-5)
+  # Batch: f = [3, 3, 2] / 8, P = [1.9, 0.9, 1.2] / 4: 3 * (5.7 + 2.7 + 2.4) / 32
+  batch = _route(TopKRouter(num_experts=3, k=2), np.log(P4))
+  np.testing.assert_allclose(batch.aux["load_balance_loss"], 3 * 10.8 / 32, rtol=1e-5)
+
+
+def test_sequence_balance_needs_sequences():
+  with pytest.raises(ValueError, match="balance_scope='sequence' needs a \\[batch, seq, d_model\\]"):
+    _route(TopKRouter(num_experts=3, k=2, balance_scope="sequence"), np.log(P4))

@@ -173,3 +173,31 @@ def test_bad_mesh_configs_fail_with_one_line_errors(tmp_path, overrides, message
     c.tasks.image_cls.batch_size = batch
   with pytest.raises(ValueError, match=message):
     train_and_evaluate(c, str(tmp_path))
+
+
+def test_global_batch_balance_loss_is_equal_on_one_and_eight_data_devices():
+  """The router sees the whole global batch under jit, so the balance loss counts expert
+  frequencies over all of it (Qwen's global-batch loss, arXiv:2501.11873), wherever the
+  tokens live; the mean of per-device (micro-batch) losses is a different number."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from moe_jax import sum_aux_losses
+  cfg = MoEConfig(num_experts=4, router=dict(name="top_k", k=2), expert_hidden_dim=8,
+                  load_balance_weight=1.0, z_loss_weight=0.0)
+  layer = MoELayer(cfg)
+  x = jax.random.normal(jax.random.key(0), (8, 4, 8))
+  params = layer.init(jax.random.key(1), x)["params"]
+
+  def loss(p, x):
+    return sum_aux_losses(layer.apply({"params": p}, x, mutable=["aux_loss"])[1])
+
+  one_loss, one_grads = jax.jit(jax.value_and_grad(loss))(params, x)
+  mesh = make_mesh({"data": 8})
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    assert len(xs.sharding.device_set) == 8
+    eight_loss, eight_grads = jax.jit(jax.value_and_grad(loss))(params, xs)
+  np.testing.assert_allclose(eight_loss, one_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(eight_grads), jax.tree.leaves(one_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  micro = np.mean([float(loss(params, x[i:i + 1])) for i in range(8)])
+  assert abs(micro - float(one_loss)) > 1e-3, (micro, float(one_loss))

@@ -59,7 +59,8 @@ class MoELayer(nn.Module):
     x_TD = x.reshape(-1, D)
     group_size = x.shape[-2] if cfg.sequence_groups and x.ndim >= 3 else cfg.group_size
     context_T = None if context is None else context.per_token(x_TD.shape[0])
-    decision = make_router(cfg, self.param_dtype, group_size)(
+    decision = make_router(cfg, self.param_dtype, group_size,
+                           x.shape[-2] if x.ndim >= 3 else None)(
         x_TD, context_T, deterministic=deterministic,
         token_mask_T=None if token_mask is None else token_mask.reshape(-1))
     experts = EXPERTS.get(cfg.experts)(cfg.num_experts, cfg.expert_hidden_dim, cfg.activation,

@@ -35,7 +35,7 @@ ROUTER_STATE = "router_state"
 
 # Filled in by the MoE layer from MoEConfig, not router options the user sets.
 LAYER_FIELDS = ("num_experts", "capacity_factor", "eval_capacity_factor", "group_size",
-                "min_capacity", "param_dtype", "parent", "name")
+                "min_capacity", "sequence_length", "param_dtype", "parent", "name")
 
 
 @flax.struct.dataclass
@@ -170,17 +170,19 @@ def check_router_spec(spec: RouterSpec, num_experts: int) -> None:
   router_cls(num_experts=num_experts, **spec.kwargs())  # runs the router's own checks
 
 
-def make_router(cfg, param_dtype: Any = jnp.float32, group_size: int | None = None) -> nn.Module:
+def make_router(cfg, param_dtype: Any = jnp.float32, group_size: int | None = None,
+                sequence_length: int | None = None) -> nn.Module:
   """The router `cfg.router` names, with its options and the layer's fields.
 
-  `group_size` (tokens per routing group the layer resolved) overrides cfg.group_size.
+  `group_size` (tokens per routing group the layer resolved) overrides cfg.group_size;
+  `sequence_length` is S of a [..., S, D] input (None for [T, D]).
   """
   spec = RouterSpec.parse(cfg.router)
   router_cls = ROUTERS.get(spec.name)
   layer = dict(num_experts=cfg.num_experts, capacity_factor=cfg.capacity_factor,
                eval_capacity_factor=cfg.eval_capacity_factor,
                group_size=group_size or cfg.group_size, min_capacity=cfg.min_capacity,
-               param_dtype=param_dtype)
+               sequence_length=sequence_length, param_dtype=param_dtype)
   fields = {f.name for f in dataclasses.fields(router_cls)}
   return router_cls(**{k: v for k, v in layer.items() if k in fields}, **spec.kwargs(),
                     name="router")

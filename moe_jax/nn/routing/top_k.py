@@ -47,6 +47,11 @@ class TopKRouter(nn.Module):
     n_group, topk_group: group-limited routing; experts in n_group equal groups,
       only the topk_group groups with the largest sum of their top-2 scores are
       eligible (1, 1: all experts).
+    balance_count, balance_scope: the load-balance loss variant (nn/losses.py
+      balance_loss): count "slots" (all T*k assignments), "top1" (Switch) or "hf"
+      (Hugging Face Mixtral/Qwen: k x slots); scope "batch" (every token of the call:
+      the global batch under jit) or "sequence" (per sequence, averaged: DeepSeek-V3's
+      sequence-wise loss; needs a [B, S, D] input).
     batch_priority: `priority_T` = each token's top score, so capacity-limited
       dispatch keeps confident tokens first (V-MoE, arXiv:2106.05974).
     jitter: router inputs times U(1-jitter, 1+jitter) while training (rng "jitter").
@@ -71,9 +76,12 @@ class TopKRouter(nn.Module):
   n_group: int = 1
   topk_group: int = 1
   bias_update_rate: float = 0.0
+  balance_count: str = "slots"
+  balance_scope: str = "batch"
   batch_priority: bool = False
   jitter: float = 0.0
   fused: bool = False
+  sequence_length: int | None = None
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -90,6 +98,8 @@ class TopKRouter(nn.Module):
       raise ValueError(f"k={self.k} is more than the {self.topk_group * per_group} experts in "
                        f"the kept groups (topk_group={self.topk_group} x {per_group} per group)")
     V.check_fraction("jitter", self.jitter)
+    V.check_choice("balance_count", self.balance_count, losses.BALANCE_COUNTS)
+    V.check_choice("balance_scope", self.balance_scope, losses.BALANCE_SCOPES)
     if self.bias_update_rate < 0:
       raise ValueError(f"bias_update_rate={self.bias_update_rate!r} must be >= 0")
     if self.fused and (self.score != "softmax" or self.n_group > 1 or self.bias_update_rate):
@@ -145,8 +155,14 @@ class TopKRouter(nn.Module):
         and self.is_mutable_collection(ROUTER_STATE)):
       load_E = assigned_TE.sum(0)
       bias.value = bias.value + self.bias_update_rate * jnp.sign(load_E.mean() - load_E)
+    if self.balance_scope == "sequence" and self.sequence_length is None:
+      raise ValueError("balance_scope='sequence' needs a [batch, seq, d_model] input to the "
+                       "MoE layer (got tokens only)")
+    balance = losses.balance_loss(
+        probs_TE, index_TK, valid_T, count=self.balance_count,
+        group_size=self.sequence_length if self.balance_scope == "sequence" else None)
     aux = {
-        "load_balance_loss": losses.load_balance_loss(probs_TE, assigned_TE, valid_T),
+        "load_balance_loss": balance,
         "z_loss": losses.router_z_loss(logits_TE, valid_T),
         "expert_load_E": losses.token_mean(assigned_TE, valid_T) / self.k,
         "dropped_fraction": jnp.zeros((), jnp.float32),  # the dispatcher may overwrite
