@@ -38,7 +38,8 @@ def get_config(arg: str | None = None, moe: bool = True) -> ml_collections.Confi
   c.optimizer = dict(learning_rate=3e-3, warmup_steps=100, weight_decay=1e-4, grad_clip_norm=1.0,
                      end_lr_factor=0.1)
   c.train = dict(num_steps=800, log_every=100, eval_every=400, checkpoint_every=400,
-                 keep_checkpoints=2, eval_batches=20, tensorboard=True)
+                 keep_checkpoints=2, eval_batches=20, tensorboard=True,
+                 moe_telemetry=True)  # per layer, per expert loads every log step
   if arg == "smoke":
     c.model["num_layers"] = 2
     c.train.update(num_steps=6, log_every=3, eval_every=6, checkpoint_every=3, eval_batches=1)

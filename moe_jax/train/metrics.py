@@ -27,6 +27,36 @@ class Averager:
     return out
 
 
+class LoadWindow:
+  """Expert loads of every MoE layer over one log window (telemetry).
+
+  `add` takes {"<layer>": load share per expert [E]} for one step; `pop` returns, per
+  layer, the window's mean load vector and its summary: max/mean load (1.0 is perfect
+  balance, E is one expert taking everything) and the number of dead experts (no
+  token at all over the window).
+  """
+
+  def __init__(self):
+    self._sums: dict[str, np.ndarray] = {}
+    self._counts: dict[str, int] = {}
+
+  def add(self, loads: Mapping[str, np.ndarray]) -> None:
+    for layer, load in loads.items():
+      load = np.asarray(load, np.float64)
+      self._sums[layer] = self._sums.get(layer, 0.0) + load
+      self._counts[layer] = self._counts.get(layer, 0) + 1
+
+  def pop(self) -> tuple[dict[str, float], dict[str, list[float]]]:
+    scalars, loads = {}, {}
+    for layer, total in sorted(self._sums.items()):
+      mean = total / self._counts[layer]
+      loads[layer] = [round(float(v), 6) for v in mean]
+      scalars[f"{layer}/max_over_mean_load"] = float(mean.max() / max(mean.mean(), 1e-12))
+      scalars[f"{layer}/dead_experts"] = float(np.sum(total <= 0))
+    self._sums, self._counts = {}, {}
+    return scalars, loads
+
+
 class SummaryWriter:
   """TensorBoard scalars (tensorboardX: no TensorFlow needed); a no-op when disabled."""
 
@@ -42,6 +72,11 @@ class SummaryWriter:
     for k, v in values.items():
       if np.ndim(v) == 0:
         self._writer.add_scalar(k, float(v), step)
+
+  def histogram(self, step: int, tag: str, values) -> None:
+    """A TensorBoard histogram (e.g. the load shares of a layer's experts)."""
+    if self._writer is not None:
+      self._writer.add_histogram(tag, np.asarray(values, np.float64), step)
 
   def flush(self) -> None:
     if self._writer is not None:

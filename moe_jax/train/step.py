@@ -68,12 +68,46 @@ def summarize_moe(collections: Mapping[str, Any]) -> dict[str, jax.Array]:
   return {k: jnp.mean(jnp.concatenate(v)) for k, v in groups.items()}
 
 
+TELEMETRY_PREFIX = "moe_layers"
+
+
+def layer_telemetry(collections: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """Per MoE layer: expert load [E] (share of slots), dropped fraction and router entropy.
+
+  Keys are f"moe_layers/<layer path>/<metric>"; a layer called several times in one step
+  (a shared encoder per modality) is averaged over its calls; scanned layers, sown with
+  a leading [repeats] axis, are split into "<path>[i]".
+  """
+  wanted = ("expert_load_E", "dropped_fraction", "router_entropy")
+  calls: dict[tuple[str, str], list[jax.Array]] = {}
+  leaves, _ = jax.tree_util.tree_flatten_with_path(collections.get(losses.METRICS_COLLECTION, {}))
+  for path, value in leaves:
+    metric = path[-1].key
+    if metric not in wanted:
+      continue
+    names = [k.key for k in path[:-1] if isinstance(k, jax.tree_util.DictKey)]
+    layer = "/".join(n for n in names[:-1] if n not in ("layers",))  # drop the sow name "moe"
+    calls.setdefault((layer, metric), []).append(value)
+  out = {}
+  for (layer, metric), values in calls.items():
+    value = jnp.mean(jnp.stack(values), axis=0)
+    if value.ndim == (1 if metric == "expert_load_E" else 0):
+      out[f"{TELEMETRY_PREFIX}/{layer}/{metric}"] = value
+    else:  # scanned: one row per repeated layer
+      for i in range(value.shape[0]):
+        out[f"{TELEMETRY_PREFIX}/{layer}[{i}]/{metric}"] = value[i]
+  return out
+
+
 def _split_microbatches(batch, n: int):
   return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, aux_loss_weight: float = 1.0):
+def make_train_step(model, tx: optax.GradientTransformation, aux_loss_weight: float = 1.0,
+                    telemetry: bool = False):
   """(state, batch, task) -> (state, metrics) for one AGD task.
+
+  With `telemetry`, metrics also hold `layer_telemetry` (per layer, per expert).
 
   Router state (e.g. a balancing bias) goes into each forward pass and its updated
   value comes out with the gradients; microbatches and mixed-mode tasks see it in
@@ -85,7 +119,8 @@ def make_train_step(model, tx: optax.GradientTransformation, aux_loss_weight: fl
                                         deterministic=False, rngs=rngs,
                                         mutable=MOE_COLLECTIONS + [ROUTER_STATE])
     aux = losses.sum_aux_losses(coll)
-    metrics = {**metrics, **summarize_moe(coll), "aux_loss": aux}
+    metrics = {**metrics, **summarize_moe(coll), "aux_loss": aux,
+               **(layer_telemetry(coll) if telemetry else {})}
     return loss + aux_loss_weight * aux, (metrics, coll.get(ROUTER_STATE, router_state))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

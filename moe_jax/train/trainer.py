@@ -23,7 +23,8 @@ from moe_jax.train import agd
 from moe_jax.train.checkpoint import Checkpointer
 from moe_jax.config import MoEConfig
 from moe_jax.data import BatchIterator, make_source
-from moe_jax.train.metrics import Averager, Progress, SummaryWriter, format_duration
+from moe_jax.train.metrics import (Averager, LoadWindow, Progress, SummaryWriter,
+                                   format_duration)
 from moe_jax.parallel.partitioning import check_mesh_fits, global_batch, mesh_from_config
 from moe_jax.parallel.sharding import DEFAULT_RULES, initialize_distributed
 from moe_jax.train.step import (MixedTasks, init_train_state, make_eval_step, make_optimizer,
@@ -150,13 +151,15 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     _say(f"resumed from {workdir}/checkpoints at step {start}")
   last_checkpoint = start or None
 
-  train_step, mixed_step = make_train_step(model, tx, float(config.get("aux_loss_weight", 1.0)))
+  telemetry = bool(tcfg.get("moe_telemetry", False))
+  train_step, mixed_step = make_train_step(model, tx, float(config.get("aux_loss_weight", 1.0)),
+                                           telemetry=telemetry)
   step_cache = agd.StepCache(pin_state_sharding(mixed_step if mode == "mixed" else train_step,
                                                 state_shardings))
   eval_step = make_eval_step(model)
   lead = jax.process_index() == 0  # writes events and summary.json
   writer = SummaryWriter(workdir if tcfg.get("tensorboard", True) and lead else None)
-  averager, progress = Averager(), Progress(start, num_steps)
+  averager, progress, loads = Averager(), Progress(start, num_steps), LoadWindow()
   log_every, eval_every = int(tcfg.log_every), int(tcfg.eval_every)
   ckpt_every, eval_batches = int(tcfg.checkpoint_every), int(tcfg.eval_batches)
   mixed = MixedTasks(tuple(tasks))
@@ -170,7 +173,11 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       return
     step, name, metrics = pending
     pending = None
-    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    host = jax.device_get(metrics)
+    # Expert-load vectors (telemetry) go to the load window, whatever the task.
+    loads.add({k.split("/", 1)[-1].rsplit("/", 1)[0]: v for k, v in host.items()
+               if k.endswith("/expert_load_E") and "moe_layers/" in k})
+    host = {k: float(v) for k, v in host.items() if np.ndim(v) == 0}
     _finite_or_raise(step, name, host, last_checkpoint)
     averager.add("train" if mode == "mixed" else f"train/{name}", host)
 
@@ -189,11 +196,20 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
         drain()
         rate, eta = progress.update(done)
         means = averager.pop()
-        writer.scalars(done, {**means, "train/steps_per_second": rate})
+        load_stats, load_vectors = loads.pop()
+        load_stats = {f"moe_layers/{k}": v for k, v in load_stats.items()}
+        writer.scalars(done, {**means, **load_stats, "train/steps_per_second": rate})
+        for layer, load in load_vectors.items():
+          writer.histogram(done, f"moe_layers/{layer}/expert_load", load)
         losses_str = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in sorted(means.items())
                               if k.endswith("/loss") and k.count("/") == 2)
+        if load_vectors:
+          worst = max(v for k, v in load_stats.items() if k.endswith("max_over_mean_load"))
+          dead = sum(v for k, v in load_stats.items() if k.endswith("dead_experts"))
+          losses_str += f" | max/mean expert load {worst:.2f}, dead experts {dead:.0f}"
         _say(f"step {done}/{num_steps} {losses_str} | {rate:.1f} steps/s, ETA {eta}")
-        history.append({"step": done, **means})
+        history.append({"step": done, **means, **load_stats,
+                        **{f"moe_layers/{k}/expert_load": v for k, v in load_vectors.items()}})
       if done % ckpt_every == 0 or done == num_steps:
         drain()
         ckpt.save(done, state, {n: it.get_state() for n, it in train_iters.items()})

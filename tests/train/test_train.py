@@ -50,6 +50,15 @@ def test_agd_compiles_each_task_once_and_writes_outputs(tmp_path):
   # Every train log line carries each task's loss and the MoE metrics.
   logged = summary["train_history"][-1]
   assert {"train/image_cls/loss", "train/image_text/moe/router_entropy"} <= set(logged)
+  # Telemetry (on in imp_tiny): the MoE layer's per-expert load over the window, its
+  # max/mean and dead experts, and per-layer dropped fraction and entropy per task.
+  layer = "moe_layers/encoder/block_1/moe"
+  load = logged[f"{layer}/expert_load"]
+  assert len(load) == 4 and abs(sum(load) - 1) < 1e-4
+  np.testing.assert_allclose(logged[f"{layer}/max_over_mean_load"], max(load) / np.mean(load),
+                             rtol=1e-4)
+  assert logged[f"{layer}/dead_experts"] == sum(x == 0 for x in load)
+  assert f"train/image_cls/{layer}/dropped_fraction" in logged
 
 
 def test_mixed_batch_baseline_compiles_once(tmp_path):
