@@ -3,7 +3,8 @@ r"""IMP-tiny: one shared MoE encoder trained with AGD on five embedded tasks.
 Command (2 CPU cores):
   python -m experiments.train --config=experiments/configs/imp_tiny.py --workdir=/tmp/imp_tiny
 Variants: `imp_tiny.py:smoke` (a few steps, for tests and notebooks), `imp_tiny.py:mixed`
-(the mixed-batch baseline: every task each step, losses summed).
+(the mixed-batch baseline: every task each step, losses summed), `imp_tiny.py:task_routed`
+(task-conditioned top-2 routing: one gate per task; `:task_routed_smoke` its smoke size).
 
 Tasks (all offline, see moe_jax/data): digit images -> class; 4-frame digit clips
 -> the digit shown twice; DTMF keypad tones (log-mel) -> digit; image <-> caption
@@ -70,6 +71,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif arg == "mixed":
     c.agd["mode"] = "mixed"
     c.train["num_steps"] = 300  # each step sees all five tasks
+  elif arg in ("task_routed", "task_routed_smoke"):
+    if arg == "task_routed_smoke":
+      c = get_config("smoke")
+    # Task-conditioned routing (M3ViT, arXiv:2210.14793): one top-2 gate per task
+    # (context.task_id), capacity-limited einsum dispatch per sequence.
+    c.model.moe = {**c.model.moe.to_dict(), "capacity_factor": 1.25, "load_balance_weight": 1e-2,
+                   "router": dict(name="conditioned", on="task_id", gate="per_value",
+                                  num_values=len(c.tasks), k=2)}
   elif arg:
-    raise ValueError(f"unknown imp_tiny variant {arg!r}; allowed: smoke, mixed")
+    raise ValueError(f"unknown imp_tiny variant {arg!r}; allowed: smoke, mixed, task_routed, "
+                     "task_routed_smoke")
   return ml_collections.ConfigDict(c)

@@ -225,3 +225,17 @@ def _flatten(tree, prefix=""):
       yield from _flatten(v, f"{prefix}{k}/")
     else:
       yield f"{prefix}{k}", np.asarray(v)
+
+
+def test_task_routed_imp_trains_with_one_gate_per_task(tmp_path):
+  c = imp_tiny.get_config("task_routed_smoke")
+  for name in list(c.tasks.keys()):
+    if name not in ("image_cls", "image_text"):
+      del c.tasks[name]
+  c.train.update(num_steps=4, log_every=2, eval_every=4, checkpoint_every=4)
+  summary = train_and_evaluate(c, str(tmp_path))
+  assert summary["compiles"] == {"image_cls": 1, "image_text": 1}
+  state = _final_state(str(tmp_path), 4)
+  gates = state["params"]["encoder"]["layers"]["block_1"]["moe"]["router"]["w_per_value_DE"]
+  assert gates.shape == (5, 64, 4)  # one gate per configured task (ids from config order)
+  assert summary["eval"]["image_cls"]["eval_batches"] == 1

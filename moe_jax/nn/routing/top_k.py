@@ -111,10 +111,18 @@ class TopKRouter(nn.Module):
   @nn.compact
   def __call__(self, x_TD: jax.Array, context: Any = None, *, deterministic: bool = True,
                token_mask_T: jax.Array | None = None) -> RoutingDecision:
-    del context  # not a conditioned router
     valid_T = check_token_mask(token_mask_T, x_TD)
-    logits_TE = router_logits(self, x_TD, self.num_experts, self.jitter, deterministic,
-                              self.param_dtype)
+    return self._decide(self._logits(x_TD, context, deterministic), valid_T, deterministic)
+
+  def _logits(self, x_TD: jax.Array, context: Any, deterministic: bool) -> jax.Array:
+    """float32 [T, E] router logits; subclasses (conditioned routers) override this."""
+    del context  # not a conditioned router
+    return router_logits(self, x_TD, self.num_experts, self.jitter, deterministic,
+                         self.param_dtype)
+
+  def _decide(self, logits_TE: jax.Array, valid_T: jax.Array | None,
+              deterministic: bool) -> RoutingDecision:
+    """Scores -> (group-limited, biased) top-k -> weights, aux losses and router state."""
     if self.score == "softmax":
       scores_TE = probs_TE = jax.nn.softmax(logits_TE, axis=-1)
     else:
