@@ -2,6 +2,8 @@ r"""lm_tiny: a byte-level decoder-only MoE language model on the Python standard
 
 Command (2 CPU cores):
   python -m experiments.train --config=experiments/configs/lm_tiny.py --workdir=/tmp/lm_tiny
+Variant `lm_tiny.py:deepseek`: a small DeepSeek-V3-style MoE layer (sigmoid scoring,
+group-limited top-k, aux-loss-free bias balancing, a shared expert).
 Compare with the dense model of the same active parameters per token:
   python -m experiments.train --config=experiments/configs/lm_tiny_dense.py --workdir=/tmp/lm_dense
 
@@ -15,10 +17,20 @@ import ml_collections
 
 # Every MoE layer routes each token to K=2 experts of width 256: 512 active hidden
 # units, the dense FFN width (mlp_dim) used everywhere in lm_tiny_dense.
-MOE = dict(num_experts=8, expert_hidden_dim=256, dispatch="einsum",
-           router=dict(name="top_k", k=2, score="softmax", renormalize=True, bias_update_rate=0.0),
+# Every top_k option is listed so that each can be overridden on the command line
+# (--config.model.moe.router.score=sigmoid).
+ROUTER = dict(name="top_k", k=2, score="softmax", renormalize=True, routed_scaling_factor=1.0,
+              n_group=1, topk_group=1, bias_update_rate=0.0, balance_count="slots",
+              balance_scope="batch")
+MOE = dict(num_experts=8, expert_hidden_dim=256, dispatch="einsum", router=ROUTER,
            capacity_factor=1.25, eval_capacity_factor=2.0, group_size=256,
-           load_balance_weight=1e-2, z_loss_weight=1e-3)
+           load_balance_weight=1e-2, z_loss_weight=1e-3, num_shared_experts=0)
+# A small DeepSeek-V3-style layer (arXiv:2412.19437): sigmoid scores, 4 groups of 2
+# experts with the best 2 groups eligible, aux-loss-free bias balancing, a tiny
+# sequence-wise balance loss, and one always-on shared expert.
+DEEPSEEK = dict(MOE, router=dict(ROUTER, score="sigmoid", n_group=4, topk_group=2,
+                                 bias_update_rate=1e-3, balance_scope="sequence"),
+                load_balance_weight=1e-4, num_shared_experts=1, shared_hidden_dim=128)
 
 
 def get_config(arg: str | None = None, moe: bool = True) -> ml_collections.ConfigDict:
@@ -44,6 +56,8 @@ def get_config(arg: str | None = None, moe: bool = True) -> ml_collections.Confi
     c.model["num_layers"] = 2
     c.train.update(num_steps=6, log_every=3, eval_every=6, checkpoint_every=3, eval_batches=1)
     c.tasks.stdlib_lm.batch_size = 8
+  elif arg == "deepseek":
+    c.model.moe = DEEPSEEK
   elif arg:
-    raise ValueError(f"unknown lm_tiny variant {arg!r}; allowed: smoke")
+    raise ValueError(f"unknown lm_tiny variant {arg!r}; allowed: smoke, deepseek")
   return ml_collections.ConfigDict(c)

@@ -92,7 +92,8 @@ def expert_parallel_ffn(x_TD: jax.Array, decision: RoutingDecision, experts: Exp
                         token_axes: Sequence[str] = TOKEN_AXES):
   """Expert-parallel MoE FFN over `mesh` (default: the mesh in context).
 
-  Returns (y_TD, dropped_fraction). `ragged` (dropless only): use
+  Returns (y_TD, kept_TK): which valid slots ran (capacity mode drops past C per
+  device; dropless keeps all). `ragged` (dropless only): use
   jax.lax.ragged_all_to_all (True), the padded emulation (False) or pick by
   backend (None). T need not divide over the token shards: padded with unused rows.
   """
@@ -128,9 +129,7 @@ def expert_parallel_ffn(x_TD: jax.Array, decision: RoutingDecision, experts: Exp
     else:
       y_TD, kept = _dropless_local(x_TD, d, ex, E, N, cap if S else None, local_dispatch,
                                    expert_axis, ragged)
-    kept = jax.lax.psum(kept, token_axes)
-    wanted = jax.lax.psum(valid_TK.sum(), token_axes)
-    return y_TD, 1.0 - kept / jnp.maximum(wanted, 1)
+    return y_TD, kept
 
   # pallas (and auto, which may pick it) do not type their values' varying mesh axes yet
   # (pallas_call out_shapes carry none), which check_vma needs; without the check,
@@ -138,13 +137,13 @@ def expert_parallel_ffn(x_TD: jax.Array, decision: RoutingDecision, experts: Exp
   fn = jax.shard_map(local, mesh=mesh,
                      in_specs=(tok, tok, tok, tok, tok if has_priority else None,
                                w_spec, w_spec, w_spec if has_gate else None),
-                     out_specs=(tok, P()),
+                     out_specs=(tok, tok),
                      # Dispatchers registered vma_clean carry their varying mesh axes
                      # (tiled's loops build carries with zeros_like, psum cotangents).
                      check_vma=DISPATCHERS.meta(local_dispatch)["vma_clean"])
-  y_TD, dropped = fn(x_pad, dec.expert_index_TK, dec.weight_TK, dec.valid_TK(), dec.priority_T,
+  y_TD, kept_TK = fn(x_pad, dec.expert_index_TK, dec.weight_TK, dec.valid_TK(), dec.priority_T,
                      experts.w_up_EDF, experts.w_down_EFD, experts.w_gate_EDF)
-  return y_TD[:T], dropped.astype(jnp.float32)
+  return y_TD[:T], kept_TK[:T]
 
 
 def _capacity_local(x_TD, decision, experts, E, N, C, dispatch, axis):
@@ -172,7 +171,7 @@ def _capacity_local(x_TD, decision, experts, E, N, C, dispatch, axis):
   back_ECD = jax.lax.all_to_all(y_NLCD, axis, 0, 0, tiled=True).reshape(E, C, D)
   y_TKD = back_ECD.at[index_TK, jnp.minimum(slot_TK, C - 1)].get(mode="clip")
   w_TK = jnp.where(keep_TK, decision.weight_TK, 0.0).astype(x_TD.dtype)
-  return jnp.einsum("TKD,TK->TD", y_TKD, w_TK), keep_TK.sum()
+  return jnp.einsum("TKD,TK->TD", y_TKD, w_TK), keep_TK
 
 
 def _dropless_local(x_TD, decision, experts, E, N, expert_cap, dispatch, axis, ragged):
@@ -206,4 +205,4 @@ def _dropless_local(x_TD, decision, experts, E, N, expert_cap, dispatch, axis, r
   block_R = jnp.searchsorted(ends_Z, row_R, side="right")
   y_RD = local_ffn(dispatch, x_RD, block_R % L, row_R < ends_Z[-1], experts)
   y_XD = exchange(y_RD, t * K, recv_off_NN[:, me], recv_N, send_off_NN[:, me], send_N)
-  return unsort_combine(y_XD, order_X, valid_X, decision.weight_TK, K), valid_X.sum()
+  return unsort_combine(y_XD, order_X, valid_X, decision.weight_TK, K), valid_X.reshape(t, K)

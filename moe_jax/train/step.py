@@ -56,14 +56,17 @@ def make_optimizer(opt_cfg: Mapping[str, Any], num_steps: int) -> optax.Gradient
                   weight_decay=opt_cfg["weight_decay"], mask=decay_mask))
 
 
+_MAX_OF = {"expert_load_E": "max_expert_load", "processed_load_E": "max_processed_load"}
+
+
 def summarize_moe(collections: Mapping[str, Any]) -> dict[str, jax.Array]:
   """Mean over MoE layers of each sown router metric (expert load -> its max share)."""
   groups: dict[str, list[jax.Array]] = {}
   leaves, _ = jax.tree_util.tree_flatten_with_path(collections.get(losses.METRICS_COLLECTION, {}))
   for path, value in leaves:
     name = path[-1].key
-    if name == "expert_load_E":
-      name, value = "max_expert_load", value.max(-1)
+    if name in _MAX_OF:  # a per-expert vector: report its largest share
+      name, value = _MAX_OF[name], value.max(-1)
     groups.setdefault(f"moe/{name}", []).append(jnp.ravel(value))
   return {k: jnp.mean(jnp.concatenate(v)) for k, v in groups.items()}
 
@@ -72,13 +75,15 @@ TELEMETRY_PREFIX = "moe_layers"
 
 
 def layer_telemetry(collections: Mapping[str, Any]) -> dict[str, jax.Array]:
-  """Per MoE layer: expert load [E] (share of slots), dropped fraction and router entropy.
+  """Per MoE layer: expert load [E] (share of slots requested), dropped slot and unrouted
+  token fractions, router entropy.
 
   Keys are f"moe_layers/<layer path>/<metric>"; a layer called several times in one step
   (a shared encoder per modality) is averaged over its calls; scanned layers, sown with
   a leading [repeats] axis, are split into "<path>[i]".
   """
-  wanted = ("expert_load_E", "dropped_fraction", "router_entropy")
+  wanted = ("expert_load_E", "dropped_slot_fraction", "unrouted_token_fraction",
+            "router_entropy")
   calls: dict[tuple[str, str], list[jax.Array]] = {}
   leaves, _ = jax.tree_util.tree_flatten_with_path(collections.get(losses.METRICS_COLLECTION, {}))
   for path, value in leaves:

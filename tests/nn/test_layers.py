@@ -75,8 +75,8 @@ def test_layer_sows_weighted_aux_loss_and_metrics():
   params = layer.init(jax.random.key(1), x)["params"]
   _, state = layer.apply({"params": params}, x, mutable=["aux_loss", "moe_metrics"])
   (metrics,) = state["moe_metrics"]["moe"]
-  assert set(metrics) == {"load_balance_loss", "z_loss", "expert_load_E", "dropped_fraction",
-                          "router_entropy"}
+  assert set(metrics) == {"load_balance_loss", "z_loss", "expert_load_E", "processed_load_E",
+                          "dropped_slot_fraction", "unrouted_token_fraction", "router_entropy"}
   want = 0.5 * metrics["load_balance_loss"] + 0.25 * metrics["z_loss"]
   np.testing.assert_allclose(sum_aux_losses(state), want, rtol=1e-6)
   assert float(want) > 0
@@ -97,7 +97,7 @@ def test_layer_reports_einsum_drops():
   params = layer.init(jax.random.key(1), x)["params"]
   dropped = lambda det: float(layer.apply({"params": params}, x, deterministic=det,
                                           mutable=["moe_metrics"])[1]["moe_metrics"]["moe"][0]
-                              ["dropped_fraction"])
+                              ["dropped_slot_fraction"])
   assert dropped(False) >= 1 - 4 * 2 / 32  # at most 4 experts x 2 slots kept of 32
   assert dropped(True) == 0.0  # eval capacity factor is roomy
 
@@ -138,3 +138,18 @@ def test_a_layer_called_twice_in_one_apply_sows_both_aux_losses():
       {"params": params["MoELayer_0"]}, x, mutable=["aux_loss"])[1])
   assert len(state["aux_loss"]["MoELayer_0"]["moe"]) == 2
   np.testing.assert_allclose(sum_aux_losses(state), single(a) + single(b), rtol=1e-6)
+
+
+def test_drop_metrics_by_hand():
+  from moe_jax import RoutingDecision
+  from moe_jax.nn.layers.moe import drop_metrics
+  d = RoutingDecision(expert_index_TK=jnp.array([[0, 1], [0, 1], [0, 2], [1, 2]]),
+                      weight_TK=jnp.ones((4, 2)))
+  kept = jnp.array([[1, 1], [1, 0], [0, 0], [1, 1]], bool)
+  m = drop_metrics(d, kept, 3, None)
+  np.testing.assert_allclose(m["dropped_slot_fraction"], 3 / 8)   # 3 of 8 chosen slots
+  np.testing.assert_allclose(m["unrouted_token_fraction"], 1 / 4)  # token 2 got nothing
+  # ran: e0 <- t0, t1; e1 <- t0, t3; e2 <- t3: [2, 2, 1] / 5
+  np.testing.assert_allclose(m["processed_load_E"], [0.4, 0.4, 0.2], rtol=1e-6)
+  real = jnp.array([1, 1, 0, 1])  # token 2 is padding: no real token is unrouted
+  np.testing.assert_allclose(drop_metrics(d, kept, 3, real)["unrouted_token_fraction"], 0.0)

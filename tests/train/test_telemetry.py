@@ -7,7 +7,7 @@ from moe_jax.train.step import layer_telemetry
 
 
 def _call(load, dropped, entropy):
-  return {"expert_load_E": jnp.asarray(load), "dropped_fraction": jnp.asarray(dropped),
+  return {"expert_load_E": jnp.asarray(load), "dropped_slot_fraction": jnp.asarray(dropped),
           "router_entropy": jnp.asarray(entropy), "z_loss": jnp.asarray(9.0)}
 
 
@@ -19,11 +19,11 @@ def test_layer_telemetry_averages_calls_and_splits_scanned_layers():
                       _call([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]], [0.0, 0.2], [0.5, 0.7]),)}}}}}}
   t = layer_telemetry(coll)
   np.testing.assert_allclose(t["moe_layers/encoder/block_1/moe/expert_load_E"], [0.375, 0.375, 0.25])
-  np.testing.assert_allclose(t["moe_layers/encoder/block_1/moe/dropped_fraction"], 0.2)
+  np.testing.assert_allclose(t["moe_layers/encoder/block_1/moe/dropped_slot_fraction"], 0.2)
   np.testing.assert_allclose(t["moe_layers/encoder/block_1/moe/router_entropy"], 1.5)
   np.testing.assert_allclose(t["moe_layers/encoder/scan_0/block_0/moe[1]/expert_load_E"],
                              [0.0, 0.5, 0.5])
-  np.testing.assert_allclose(t["moe_layers/encoder/scan_0/block_0/moe[1]/dropped_fraction"], 0.2)
+  np.testing.assert_allclose(t["moe_layers/encoder/scan_0/block_0/moe[1]/dropped_slot_fraction"], 0.2)
   assert not any("z_loss" in k for k in t)
   assert len(t) == 9
 

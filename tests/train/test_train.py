@@ -42,7 +42,8 @@ def test_agd_compiles_each_task_once_and_writes_outputs(tmp_path):
     assert summary["eval"][name]["eval_batches"] == 1
     correct = summary["eval"][name][key] * 8
     assert abs(correct - round(correct)) < 1e-6, (name, key, correct)
-  assert "moe/dropped_fraction" in summary["eval"]["image_cls"]
+  assert {"moe/dropped_slot_fraction", "moe/unrouted_token_fraction",
+          "moe/max_processed_load"} <= set(summary["eval"]["image_cls"])
   on_disk = json.loads((tmp_path / "summary.json").read_text())
   assert on_disk["final_step"] == 50 and on_disk["eval"].keys() == summary["eval"].keys()
   assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
@@ -58,7 +59,8 @@ def test_agd_compiles_each_task_once_and_writes_outputs(tmp_path):
   np.testing.assert_allclose(logged[f"{layer}/max_over_mean_load"], max(load) / np.mean(load),
                              rtol=1e-4)
   assert logged[f"{layer}/dead_experts"] == sum(x == 0 for x in load)
-  assert f"train/image_cls/{layer}/dropped_fraction" in logged
+  assert {f"train/image_cls/{layer}/dropped_slot_fraction",
+          f"train/image_cls/{layer}/unrouted_token_fraction"} <= set(logged)
 
 
 def test_mixed_batch_baseline_compiles_once(tmp_path):

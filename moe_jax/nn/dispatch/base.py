@@ -7,7 +7,8 @@ Each dispatcher is a pure function
 `fn(x_TD, decision, experts, capacity=None) -> (y_TD, metrics)`:
   - "einsum": one-hot dispatch/combine tensors with a fixed capacity per expert
     and group (static shapes; the TPU-friendly baseline). Slots past capacity are
-    dropped in priority order and `metrics["dropped_fraction"]` reports the share.
+    dropped in priority order; `metrics["dropped_fraction"]` reports the share and
+    `metrics["kept_TK"]` which slots ran (dropless dispatchers run every valid slot).
   - "sorted": dropless. Slots are argsorted by expert, each expert's rows run as
     one ragged group (jax.lax.ragged_dot), then unsorted and combined.
   - "dense": every expert on every token, weighted; a reference, O(E) compute.

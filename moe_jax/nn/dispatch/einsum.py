@@ -72,4 +72,5 @@ def einsum_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertW
   y_GSD = jnp.einsum("GSEC,EGCD->GSD", combine_GSEC, y_EXD.reshape(E, G, C, D))
   valid = decision.valid_TK()
   dropped = 1.0 - keep_TK.sum() / jnp.maximum(valid.sum(), 1)
-  return y_GSD.reshape(T, D), {"dropped_fraction": dropped.astype(jnp.float32)}
+  return y_GSD.reshape(T, D), {"dropped_fraction": dropped.astype(jnp.float32),
+                               "kept_TK": keep_TK}

@@ -19,6 +19,30 @@ from moe_jax.nn.experts import EXPERTS, FeedForward
 from moe_jax.nn.routing import make_router
 
 
+def drop_metrics(decision, kept_TK: jax.Array, num_experts: int,
+                 real_T: jax.Array | None) -> dict[str, jax.Array]:
+  """What capacity did to the routing, as separately named metrics.
+
+  dropped_slot_fraction: chosen (valid) slots that did not run / all chosen slots
+    (top-k with einsum capacity; 0 for dropless dispatch and for expert choice,
+    whose router already enforced capacity).
+  unrouted_token_fraction: real tokens that reached no expert at all (expert
+    choice: tokens no expert picked; top-k: tokens whose every slot was dropped).
+  processed_load_E: each expert's share of the slots that ran, next to the router's
+    expert_load_E (its share of the slots requested, before capacity).
+  """
+  valid_TK = decision.valid_TK()
+  kept = kept_TK.astype(jnp.float32)
+  processed_E = jnp.einsum("TK,TKE->E", kept,
+                           jax.nn.one_hot(decision.expert_index_TK, num_experts, dtype=kept.dtype))
+  return {
+      "dropped_slot_fraction": 1.0 - kept.sum() / jnp.maximum(valid_TK.sum(), 1),
+      "unrouted_token_fraction": 1.0 - losses.token_mean(
+          kept_TK.any(-1).astype(jnp.float32), None if real_T is None else real_T > 0),
+      "processed_load_E": processed_E / jnp.maximum(kept.sum(), 1.0),
+  }
+
+
 class MoELayer(nn.Module):
   """Sparse MoE FFN over inputs of any leading shape [..., D].
 
@@ -67,23 +91,24 @@ class MoELayer(nn.Module):
                                        self.dtype, self.param_dtype, name="experts")(D)
     capacity = CapacityOptions(cfg.capacity_factor_for(deterministic), group_size,
                                cfg.min_capacity)
+    valid_TK = decision.valid_TK()
     if expert_axis_size() > 1:  # a mesh in context spreads the experts over devices
-      y_TD, dropped = expert_parallel_ffn(
+      y_TD, kept_TK = expert_parallel_ffn(
           x_TD.astype(self.dtype), decision, experts, mode=cfg.expert_parallel,
           local_dispatch=cfg.dispatch, capacity_factor=capacity.capacity_factor,
           min_capacity=cfg.min_capacity)
-      dispatch_metrics = {"dropped_fraction": dropped}
     else:
       y_TD, dispatch_metrics = get_dispatcher(cfg.dispatch)(x_TD.astype(self.dtype), decision,
                                                             experts, capacity)
+      kept_TK = dispatch_metrics.get("kept_TK", valid_TK)  # dropless: every valid slot
     if cfg.num_shared_experts:
       shared_F = (cfg.shared_hidden_dim or cfg.expert_hidden_dim) * cfg.num_shared_experts
       y_TD = y_TD + FeedForward(shared_F, cfg.activation, self.dtype, self.param_dtype,
                                 name="shared_experts")(x_TD)
     metrics = dict(decision.aux)
-    # Router drops (expert choice) and capacity drops (einsum) compound.
-    metrics["dropped_fraction"] = 1.0 - ((1.0 - metrics["dropped_fraction"]) *
-                                         (1.0 - dispatch_metrics["dropped_fraction"]))
+    metrics.pop("dropped_fraction")  # the router's own view; the two below are explicit
+    metrics.update(drop_metrics(decision, kept_TK & valid_TK, cfg.num_experts,
+                                None if token_mask is None else token_mask.reshape(-1)))
     # Not while initializing: init() then returns parameters only, and passing its whole
     # output back into apply(..., mutable=...) cannot count an aux loss twice. (Values
     # still append per call: a shared encoder run on two modalities sows two of each.)
