@@ -138,10 +138,13 @@ def test_checkpoint_written_on_one_mesh_restores_onto_others(tmp_path):
   devices = jax.devices()
   save_mesh = make_mesh({"data": 2, "expert": 4})
   tree = {"experts": {"w_up_EDF": jnp.arange(4 * 6 * 8.0).reshape(4, 6, 8)},
-          "dense": {"kernel": jnp.arange(8 * 3.0).reshape(8, 3)}, "step": jnp.array(7)}
+          "dense": {"kernel": jnp.arange(8 * 3.0).reshape(8, 3)}, "step": jnp.array(7),
+          # Router state (a balancing bias) is sharded and restored like the parameters.
+          "router_state": {"moe": {"router": {"bias_E": jnp.array([0.1, -0.2, 0.0, 0.3])}}}}
   abstract = jax.eval_shape(lambda: tree)
   saved = jax.device_put(tree, state_shardings(save_mesh, abstract))
   assert saved["experts"]["w_up_EDF"].sharding.spec == P("expert", None, None)
+  assert saved["router_state"]["moe"]["router"]["bias_E"].sharding.spec == P("expert")
   ckpt = Checkpointer(str(tmp_path))
   ckpt.save(1, saved, {"it": {"position": 3}})
   for mesh in (make_mesh({"data": 4, "expert": 2}), make_mesh({}, devices[:1])):
