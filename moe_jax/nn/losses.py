@@ -37,7 +37,7 @@ def load_balance_loss(probs_TE: jax.Array, assigned_TE: jax.Array,
 
 
 BALANCE_COUNTS = ("slots", "top1", "hf")
-BALANCE_SCOPES = ("batch", "sequence")
+BALANCE_SCOPES = ("batch", "sequence", "group")
 
 
 def balance_loss(probs_TE: jax.Array, index_TK: jax.Array, valid_T: jax.Array | None = None, *,

@@ -372,3 +372,11 @@ def test_balance_loss_per_sequence_and_over_the_batch():
 def test_sequence_balance_needs_sequences():
   with pytest.raises(ValueError, match="balance_scope='sequence' needs a \\[batch, seq, d_model\\]"):
     _route(TopKRouter(num_experts=3, k=2, balance_scope="sequence"), np.log(P4))
+
+
+def test_balance_loss_per_routing_group_is_the_micro_batch_loss():
+  # group_size=2 splits P4 like the two sequences above: the mean of 0.9375 and 1.2375.
+  grp = _route(TopKRouter(num_experts=3, k=2, balance_scope="group", group_size=2), np.log(P4))
+  np.testing.assert_allclose(grp.aux["load_balance_loss"], (0.9375 + 1.2375) / 2, rtol=1e-5)
+  whole = _route(TopKRouter(num_experts=3, k=2, balance_scope="group"), np.log(P4))
+  np.testing.assert_allclose(whole.aux["load_balance_loss"], 3 * 10.8 / 32, rtol=1e-5)

@@ -50,8 +50,10 @@ class TopKRouter(nn.Module):
     balance_count, balance_scope: the load-balance loss variant (nn/losses.py
       balance_loss): count "slots" (all T*k assignments), "top1" (Switch) or "hf"
       (Hugging Face Mixtral/Qwen: k x slots); scope "batch" (every token of the call:
-      the global batch under jit) or "sequence" (per sequence, averaged: DeepSeek-V3's
-      sequence-wise loss; needs a [B, S, D] input).
+      the global batch under jit), "group" (per routing group of MoEConfig.group_size
+      tokens, averaged: the micro-batch loss of frameworks that compute it per device)
+      or "sequence" (per sequence, averaged: DeepSeek-V3's sequence-wise loss; needs a
+      [B, S, D] input).
     batch_priority: `priority_T` = each token's top score, so capacity-limited
       dispatch keeps confident tokens first (V-MoE, arXiv:2106.05974).
     jitter: router inputs times U(1-jitter, 1+jitter) while training (rng "jitter").
@@ -81,6 +83,7 @@ class TopKRouter(nn.Module):
   batch_priority: bool = False
   jitter: float = 0.0
   fused: bool = False
+  group_size: int | None = None
   sequence_length: int | None = None
   param_dtype: Any = jnp.float32
 
@@ -166,9 +169,13 @@ class TopKRouter(nn.Module):
     if self.balance_scope == "sequence" and self.sequence_length is None:
       raise ValueError("balance_scope='sequence' needs a [batch, seq, d_model] input to the "
                        "MoE layer (got tokens only)")
-    balance = losses.balance_loss(
-        probs_TE, index_TK, valid_T, count=self.balance_count,
-        group_size=self.sequence_length if self.balance_scope == "sequence" else None)
+    scope_size = {"batch": None, "sequence": self.sequence_length,
+                  "group": self.group_size}[self.balance_scope]
+    if scope_size is not None and logits_TE.shape[0] % scope_size:
+      raise ValueError(f"balance_scope={self.balance_scope!r}: {scope_size} tokens per "
+                       f"{self.balance_scope} do not divide the {logits_TE.shape[0]} tokens")
+    balance = losses.balance_loss(probs_TE, index_TK, valid_T, count=self.balance_count,
+                                  group_size=scope_size)
     aux = {
         "load_balance_loss": balance,
         "z_loss": losses.router_z_loss(logits_TE, valid_T),
