@@ -2,11 +2,11 @@
 and gather them back with the routing weights (unpermute + combine) in one pass.
 
 Axis letters: T tokens, K slots per token, X = T*K slots, R padded rows, D model dim,
-S source rows, O output rows, J gathered rows per output row.
+W source rows, O output rows, J gathered rows per output row.
 
 Both directions are the same kernel, a weighted row gather:
 
-  out[o] = sum_j weight[o, j] * src[index[o, j]]      (index outside [0, S) adds 0)
+  out[o] = sum_j weight[o, j] * src[index[o, j]]      (index outside [0, W) adds 0)
 
   permute:            O = R, J = 1: index = token of row's slot (-1 on padding), weight 1
   unpermute+combine:  O = T, J = K: index = row of each slot (R if unused), weight_TK
@@ -38,37 +38,37 @@ def _gather_kernel(index_ref, weight_ref, src_ref, out_ref, *, num_src: int, gat
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "block_d", "interpret"))
-def weighted_gather(src_SD: jax.Array, index_OJ: jax.Array, weight_OJ: jax.Array, *,
+def weighted_gather(src_WD: jax.Array, index_OJ: jax.Array, weight_OJ: jax.Array, *,
                     block_rows: int = 32, block_d: int = 512,
                     interpret: bool = False) -> jax.Array:
   """out[o] = sum_j weight[o, j] * src[index[o, j]] (f32 sum), [O, D] in src's dtype."""
-  S, D = src_SD.shape
+  W, D = src_WD.shape
   O, J = index_OJ.shape
   block_rows, block_d = fit_block(O, block_rows), fit_block(D, block_d)
-  kernel = functools.partial(_gather_kernel, num_src=S, gathers=J)
+  kernel = functools.partial(_gather_kernel, num_src=W, gathers=J)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((O, D), src_SD.dtype),
+      out_shape=jax.ShapeDtypeStruct((O, D), src_WD.dtype),
       grid=(O // block_rows, D // block_d),
       in_specs=[pl.BlockSpec((block_rows, J), lambda i, j: (i, 0)),
                 pl.BlockSpec((block_rows, J), lambda i, j: (i, 0)),
-                pl.BlockSpec((S, block_d), lambda i, j: (0, j))],
+                pl.BlockSpec((W, block_d), lambda i, j: (0, j))],
       out_specs=pl.BlockSpec((block_rows, block_d), lambda i, j: (i, j)),
       interpret=interpret,
       compiler_params=compiler_params(),
       name="moe_weighted_gather",
-  )(index_OJ.astype(jnp.int32), weight_OJ.astype(jnp.float32), src_SD)
+  )(index_OJ.astype(jnp.int32), weight_OJ.astype(jnp.float32), src_WD)
 
 
-def weighted_gather_xla(src_SD: jax.Array, index_OJ: jax.Array, weight_OJ: jax.Array,
+def weighted_gather_xla(src_WD: jax.Array, index_OJ: jax.Array, weight_OJ: jax.Array,
                         **unused) -> jax.Array:
   """The same weighted row gather in plain XLA (the `tiled` dispatcher's version)."""
   del unused
-  S = src_SD.shape[0]
-  ok = (index_OJ >= 0) & (index_OJ < S)
-  rows = jnp.take(src_SD, jnp.clip(index_OJ, 0, S - 1), axis=0).astype(jnp.float32)
+  W = src_WD.shape[0]
+  ok = (index_OJ >= 0) & (index_OJ < W)
+  rows = jnp.take(src_WD, jnp.clip(index_OJ, 0, W - 1), axis=0).astype(jnp.float32)
   w = jnp.where(ok, weight_OJ.astype(jnp.float32), 0.0)
-  return jnp.einsum("OJD,OJ->OD", rows, w).astype(src_SD.dtype)
+  return jnp.einsum("OJD,OJ->OD", rows, w).astype(src_WD.dtype)
 
 
 # One function object per mode: custom_vjp's static args are compared by identity.

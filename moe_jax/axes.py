@@ -23,13 +23,20 @@ LEGEND = {
     "H": "attention heads",
     "Q": "features per head",
     "V": "vocabulary",
-    "R": "LoRA rank; padded rows in the tile-layout kernels",
+    # DESIGN.md gives R to the LoRA rank; LoRA experts will need a letter of their own.
+    "R": "rows of a padded or exchanged buffer (tile-layout kernels, expert parallelism)",
     "N": "devices on the expert axis",
+    "L": "experts per device (expert parallelism)",
     "U": "condition (context) features",
     "X": "flattened slots, T * K",
     "I": "row tiles (kernels)",
+    "M": "rows of a fixed-size block: a kernel's row tile, an exchange's per-peer bound",
     "A": "a kernel's contraction (input) features",
-    "O": "a kernel's output features",
+    "O": "a kernel's outputs (features of a matmul, rows of a gather)",
+    "W": "source rows of a gather (permute kernel)",
+    "J": "rows gathered per output row (permute kernel)",
+    "P": "patch features (tokenizers)",
+    "Z": "the q/k/v index in attention einsums (`3` in w_qkv_D3HQ)",
 }
 # Digits in a suffix index a stacked axis of that size (w_qkv_D3HQ: q, k, v).
 _SUFFIX = re.compile(r"_([A-Z0-9]+)$")

@@ -1,6 +1,7 @@
 """IMP: one shared MoE encoder for image, video, audio and text (Akbari et al. 2023).
 
-Axis letters: B batch, N tokens, D model dim (contrastive embeddings: embed_dim wide).
+Axis letters: B batch, S tokens per example, D model dim (contrastive embeddings:
+embed_dim wide).
 
 Per modality: a tokenizer (patches / tubelets / spectrogram patches / bytes) with
 per-axis position embeddings, and an output projection after the shared encoder.
@@ -43,11 +44,11 @@ class IMPConfig:
   init_temperature: float = 0.1
 
 
-def _masked_mean(x_BND: jax.Array, mask_BN: jax.Array | None) -> jax.Array:
-  if mask_BN is None:
-    return x_BND.mean(axis=1)
-  w = mask_BN.astype(x_BND.dtype)[:, :, None]
-  return (x_BND * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+def _masked_mean(x_BSD: jax.Array, mask_BS: jax.Array | None) -> jax.Array:
+  if mask_BS is None:
+    return x_BSD.mean(axis=1)
+  w = mask_BS.astype(x_BSD.dtype)[:, :, None]
+  return (x_BSD * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
 
 
 def _normalize(x: jax.Array) -> jax.Array:

@@ -1,6 +1,6 @@
 """Modality tokenizers: raw inputs -> [B, N, D] tokens with per-axis position embeddings.
 
-Axis letters: B batch, N tokens, D model dim, P patch features.
+Axis letters: B batch, S tokens per example, D model dim, P patch features.
 
 Positions are embedded per axis (row, column, time, frequency) and summed, so
 a tokenizer accepts any resolution up to `max_positions` per axis, and tokens
@@ -53,19 +53,19 @@ class PatchTokenizer(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim == len(self.patch) + 1:  # no channel axis (spectrograms)
       x = x[..., None]
-    tokens_BNP, grid = patchify(x.astype(jnp.float32), self.patch)
+    tokens_BSP, grid = patchify(x.astype(jnp.float32), self.patch)
     if max(grid) > self.max_positions:
       raise ValueError(f"token grid {grid} exceeds max_positions={self.max_positions}")
-    tokens_BND = nn.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name="input_projection")(tokens_BNP)
-    pos_ND = jnp.zeros((1,) * len(grid) + (self.d_model,), jnp.float32)
+    tokens_BSD = nn.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="input_projection")(tokens_BSP)
+    pos_SD = jnp.zeros((1,) * len(grid) + (self.d_model,), jnp.float32)
     for axis, g in enumerate(grid):
       table = self.param(f"position_axis{axis}", nn.initializers.normal(0.02),
                          (self.max_positions, self.d_model), self.param_dtype)
       shape = [1] * len(grid) + [self.d_model]
       shape[axis] = g
-      pos_ND = pos_ND + table[:g].reshape(shape)
-    return tokens_BND + pos_ND.reshape(1, -1, self.d_model).astype(tokens_BND.dtype)
+      pos_SD = pos_SD + table[:g].reshape(shape)
+    return tokens_BSD + pos_SD.reshape(1, -1, self.d_model).astype(tokens_BSD.dtype)
 
 
 class TextTokenizer(nn.Module):
@@ -78,18 +78,18 @@ class TextTokenizer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, ids_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
-    L = ids_BL.shape[1]
+  def __call__(self, ids_BS: jax.Array) -> tuple[jax.Array, jax.Array]:
+    L = ids_BS.shape[1]
     if L > self.max_positions:
       raise ValueError(f"text length {L} exceeds max_positions={self.max_positions}")
     emb = nn.Embed(self.vocab_size, self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="embedding")(ids_BL)
+                   name="embedding")(ids_BS)
     pos = self.param("position", nn.initializers.normal(0.02), (self.max_positions, self.d_model),
                      self.param_dtype)
-    return emb + pos[None, :L].astype(emb.dtype), ids_BL != 0
+    return emb + pos[None, :L].astype(emb.dtype), ids_BS != 0
 
 
-def drop_tokens(rng: jax.Array, tokens_BND: jax.Array, mask_BN: jax.Array | None,
+def drop_tokens(rng: jax.Array, tokens_BSD: jax.Array, mask_BS: jax.Array | None,
                 drop_rate: float) -> tuple[jax.Array, jax.Array | None]:
   """DropToken: keep a random subset of round((1 - rate) * N) tokens per example.
 
@@ -98,13 +98,13 @@ def drop_tokens(rng: jax.Array, tokens_BND: jax.Array, mask_BN: jax.Array | None
   before dropping, so the kept tokens still know where they came from; the kept
   ones stay in their original order.
   """
-  B, N, _ = tokens_BND.shape
+  B, N, _ = tokens_BSD.shape
   keep = max(1, math.floor((1.0 - drop_rate) * N + 0.5))
   if keep >= N:
-    return tokens_BND, mask_BN
-  scores_BN = jax.random.uniform(rng, (B, N))
-  _, idx_BK = jax.lax.top_k(scores_BN, keep)
-  idx_BK = jnp.sort(idx_BK, axis=1)
-  tokens = jnp.take_along_axis(tokens_BND, idx_BK[:, :, None], axis=1)
-  mask = None if mask_BN is None else jnp.take_along_axis(mask_BN, idx_BK, axis=1)
+    return tokens_BSD, mask_BS
+  scores_BS = jax.random.uniform(rng, (B, N))
+  _, idx_BS = jax.lax.top_k(scores_BS, keep)
+  idx_BS = jnp.sort(idx_BS, axis=1)
+  tokens = jnp.take_along_axis(tokens_BSD, idx_BS[:, :, None], axis=1)
+  mask = None if mask_BS is None else jnp.take_along_axis(mask_BS, idx_BS, axis=1)
   return tokens, mask

@@ -1,7 +1,7 @@
 """Multi-head self-attention with optional rotary position embeddings (RoPE).
 
 Axis letters: B batch, S sequence, D model dim. H heads, Q features per
-head (K is taken by "experts per token"), J the q/k/v index.
+head (K is taken by "experts per token"), Z the q/k/v index (`3` in w_qkv_D3HQ).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class SelfAttention(nn.Module):
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                             in_axis=0, out_axis=(1, 2))
     w_qkv = self.param("w_qkv_D3HQ", init, (D, 3, H, Q), self.param_dtype).astype(self.dtype)
-    q, k, v = jnp.unstack(jnp.einsum("BSD,DJHQ->JBSHQ", x_BSD.astype(self.dtype), w_qkv))
+    q, k, v = jnp.unstack(jnp.einsum("BSD,DZHQ->ZBSHQ", x_BSD.astype(self.dtype), w_qkv))
     if self.rope:
       if positions_BS is None:
         positions_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
