@@ -24,7 +24,7 @@ class BatchIterator:
 
     def __init__(self, source: Any, batch_size: int, *, seed: int, shuffle: bool = True,
                  drop_remainder: bool = True, transform: Transform | None = None,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, name: str = "batch"):
         if batch_size < 1 or batch_size % process_count:
             raise ValueError(f"batch_size={batch_size} must be >= 1 and divisible by "
                              f"process_count={process_count}")
@@ -33,6 +33,7 @@ class BatchIterator:
         self.source, self.batch_size, self.seed = source, batch_size, seed
         self.shuffle, self.drop_remainder, self.transform = shuffle, drop_remainder, transform
         self.process_index, self.process_count = process_index, process_count
+        self.name = name  # says whose batch it is in errors (the task)
         self.num_examples = len(source)
         if drop_remainder:
             self.batches_per_epoch = self.num_examples // batch_size
@@ -77,7 +78,19 @@ class BatchIterator:
         if not examples:  # a short final batch can leave a process nothing: empty arrays
             template = self.source[int(order[0])]
             return {k: np.stack([np.asarray(v)])[:0] for k, v in template.items()}
-        return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+        return {k: self._stack(k, [ex[k] for ex in examples]) for k in examples[0]}
+
+    def _stack(self, key: str, values: list) -> np.ndarray:
+        try:
+            return np.stack(values)
+        except (ValueError, TypeError) as e:
+            shapes = sorted({str(np.shape(v)) for v in values})
+            dtypes = sorted({str(np.asarray(v).dtype) for v in values})
+            raise ValueError(
+                f"{self.name}: feature {key!r} cannot be stacked into a batch: examples have "
+                f"shapes {', '.join(shapes)} and dtypes {', '.join(dtypes)} (pad, crop or "
+                f"resize them to one shape, or drop the feature with source_args.feature_map)"
+            ) from e
 
     # --- iteration ---------------------------------------------------------------------
     def __iter__(self) -> BatchIterator:

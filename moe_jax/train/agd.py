@@ -8,6 +8,7 @@ padded to a common shape.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -45,24 +46,56 @@ class TaskSampler:
     return self.tasks[rng.choice(len(self.tasks), p=self._p)]
 
 
+class RecompileError(RuntimeError):
+  """A task compiled a second time: its batch's shapes or dtypes changed."""
+
+
+def _signature(tree) -> dict[str, str]:
+  """Path -> "shape dtype" of every leaf (what a jit cache key is made of)."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(p): f"{tuple(x.shape)} {x.dtype}" for p, x in leaves}
+
+
 class StepCache:
   """Jits `fn(state, batch, task)` once per task and counts compiles.
 
-  `compiles[task.name]` counts traces (a second one for a known task is a bug);
-  `compile_seconds[task.name]` is the wall time of the first call (trace +
-  compile + run), which is what a researcher waits for.
+  `compiles[task.name]` counts traces; `compile_seconds[task.name]` is the wall time
+  of the first call (trace + compile + run), which is what a researcher waits for.
+  A second trace for a known task means its shapes changed (a bug: the transforms
+  must give every batch one shape): `on_recompile="error"` raises RecompileError
+  naming the features whose shapes or dtypes changed, "warn" logs it and goes on.
   """
 
-  def __init__(self, fn: Callable[..., Any], donate_state: bool = True):
+  def __init__(self, fn: Callable[..., Any], donate_state: bool = True,
+               on_recompile: str = "error"):
+    V.check_choice("train.on_recompile", on_recompile, ("error", "warn"))
     self.compiles: dict[str, int] = {}
     self.compile_seconds: dict[str, float] = {}
+    self._first: dict[str, dict[str, str]] = {}
 
     def counted(state, batch, task):
       self.compiles[task.name] = self.compiles.get(task.name, 0) + 1
+      seen = {**_signature({"state": state}), **_signature({"batch": batch})}
+      if task.name in self._first:
+        self._recompiled(task.name, self._first[task.name], seen, on_recompile)
+      else:
+        self._first[task.name] = seen
       return fn(state, batch, task)
 
     self._jitted = jax.jit(counted, static_argnames=("task",),
                            donate_argnums=(0,) if donate_state else ())
+
+  @staticmethod
+  def _recompiled(name: str, first: dict[str, str], now: dict[str, str], mode: str) -> None:
+    changed = [f"{k}: {first.get(k, 'absent')} -> {now.get(k, 'absent')}"
+               for k in sorted(set(first) | set(now)) if first.get(k) != now.get(k)]
+    what = "; ".join(changed[:6]) if changed else "same shapes and dtypes (a weak type, " \
+        "sharding or Python value changed)"
+    msg = (f"task {name!r} compiled a second time (every batch of a task must have one "
+           f"shape): {what}")
+    if mode == "error":
+      raise RecompileError(msg)
+    logging.warning(msg)
 
   def __call__(self, state, batch: Mapping[str, Any], task: Task):
     if task.name in self.compile_seconds:

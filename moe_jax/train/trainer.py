@@ -62,7 +62,8 @@ def _iterator(task: agd.Task, spec: str, seed: int, train: bool) -> BatchIterato
     raise ValueError(f"task {task.name!r}: source {spec!r} has {len(source)} examples, fewer "
                      f"than batch_size={task.batch_size}")
   return BatchIterator(source, task.batch_size, seed=seed, shuffle=train, drop_remainder=True,
-                       process_index=jax.process_index(), process_count=jax.process_count())
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       name=f"task {task.name!r}")
 
 
 def _finite_or_raise(step: int, task_name: str, metrics: Mapping[str, float],
@@ -155,7 +156,8 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   train_step, mixed_step = make_train_step(model, tx, float(config.get("aux_loss_weight", 1.0)),
                                            telemetry=telemetry)
   step_cache = agd.StepCache(pin_state_sharding(mixed_step if mode == "mixed" else train_step,
-                                                state_shardings))
+                                                state_shardings),
+                             on_recompile=str(tcfg.get("on_recompile", "error")))
   eval_step = make_eval_step(model)
   lead = jax.process_index() == 0  # writes events and summary.json
   writer = SummaryWriter(workdir if tcfg.get("tensorboard", True) and lead else None)

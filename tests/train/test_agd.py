@@ -2,9 +2,10 @@
 import collections
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from moe_jax.train.agd import StepCache, Task, TaskSampler, tasks_from_config
+from moe_jax.train.agd import RecompileError, StepCache, Task, TaskSampler, tasks_from_config
 
 
 def _task(name, **kw):
@@ -61,3 +62,28 @@ def test_tasks_from_config_lists_valid_keys_and_fills_classes():
                            lambda spec, kw: Src(3, ["a", "b", "c"]))
   assert t.num_classes == 3 and t.class_names == ("a", "b", "c")
   assert t.drop_rate("image") == 0.5 and t.drop_rate("text") == 0.0
+
+
+def test_a_second_compile_for_a_task_names_what_changed(caplog):
+  cache = StepCache(lambda state, batch, task: state + batch["x"].sum(), donate_state=False)
+  a = _task("a")
+  state = cache(jnp.zeros(()), {"x": jnp.ones((4,))}, a)
+  with pytest.raises(RecompileError, match=r"task 'a' compiled a second time .*"
+                                           r"\['batch'\]\['x'\]: \(4,\) float32 -> \(3,\) float32"):
+    cache(state, {"x": jnp.ones((3,))}, a)
+  warn = StepCache(lambda state, batch, task: state + batch["x"].sum(), donate_state=False,
+                   on_recompile="warn")
+  warn(jnp.zeros(()), {"x": jnp.ones((4,))}, a)
+  out = warn(jnp.zeros(()), {"x": jnp.ones((2,), jnp.int32)}, a)
+  assert float(out) == 2.0 and warn.compiles == {"a": 2}
+  assert "(4,) float32 -> (2,) int32" in caplog.text
+
+
+def test_a_batch_that_cannot_be_stacked_names_the_task_feature_and_shapes():
+  from moe_jax.data import BatchIterator
+  source = [{"audio": np.zeros(n, np.int16), "label": np.int32(1)} for n in (5, 7, 5, 9)]
+  it = BatchIterator(source, 4, seed=0, shuffle=False, name="task 'digits'")
+  with pytest.raises(ValueError, match=r"task 'digits': feature 'audio' cannot be stacked into "
+                                       r"a batch: examples have shapes \(5,\), \(7,\), \(9,\) "
+                                       r"and dtypes int16"):
+    next(it)
