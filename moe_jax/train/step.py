@@ -231,22 +231,15 @@ def _init_fn(model, tasks: Sequence[Task]):
   return init_all
 
 
-def init_params(model, example_batches: Mapping[str, Any], tasks: Sequence[Task], seed: int,
-                out_shardings: Any = None):
-  """Parameters touched by any task: every task's init, deep-merged, in one compile.
+def init_variables(model, example_batches: Mapping[str, Any], tasks: Sequence[Task], seed: int,
+                   out_shardings: Any = None) -> dict[str, Any]:
+  """{"params", "router_state"} touched by any task: every task's init, deep-merged, in
+  one compile.
 
   Flax derives each module's init rng from its path, so modules shared between
   tasks (the encoder) get identical values from every task's init. With
   `out_shardings`, each device computes only its own shards.
   """
-  return init_variables(model, example_batches, tasks, seed,
-                        None if out_shardings is None else {"params": out_shardings,
-                                                            ROUTER_STATE: None})["params"]
-
-
-def init_variables(model, example_batches: Mapping[str, Any], tasks: Sequence[Task], seed: int,
-                   out_shardings: Any = None) -> dict[str, Any]:
-  """{"params", "router_state"} touched by any task (see init_params)."""
   init_all = jax.jit(_init_fn(model, tasks), out_shardings=out_shardings)
   return init_all(jax.random.PRNGKey(seed), {t.name: example_batches[t.name] for t in tasks})
 

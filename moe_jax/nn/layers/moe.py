@@ -10,13 +10,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.nn import losses
 from moe_jax.config import MoEConfig
-from moe_jax.nn.dispatch import CapacityOptions, get_dispatcher
-from moe_jax.parallel.expert_parallel import expert_axis_size, expert_parallel_ffn
+from moe_jax.nn import losses
 from moe_jax.nn.context import Context
+from moe_jax.nn.dispatch import CapacityOptions, get_dispatcher
 from moe_jax.nn.experts import EXPERTS, FeedForward
 from moe_jax.nn.routing import make_router
+from moe_jax.parallel.expert_parallel import expert_axis_size, expert_parallel_ffn
 
 
 def drop_metrics(decision, kept_TK: jax.Array, num_experts: int,
@@ -53,9 +53,8 @@ class MoELayer(nn.Module):
     "moe_metrics"/"moe": dict of raw losses and router metrics.
   The jitter noise, when configured, draws from the "jitter" rng. `context`
   (one row per example of x's leading axis) reaches the router one row per token.
-  `token_mask`
-  ([...], False = padding) keeps padding out of routing, capacity and aux losses;
-  padded positions come out 0 (plus shared experts).
+  `token_mask` ([...], False = padding) keeps padding out of routing, capacity and aux
+  losses; padded positions come out 0 (plus shared experts).
   Under a mesh whose `expert` axis is > 1 (`jax.set_mesh`), the experts run
   expert-parallel (`cfg.expert_parallel`; `cfg.dispatch` computes the local experts).
   """

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe_jax import validation as V
 from moe_jax.nn.context import Context
 from moe_jax.nn.routing.base import ROUTERS, router_logits
 from moe_jax.nn.routing.top_k import TopKRouter
@@ -67,7 +68,6 @@ class ConditionedRouter(TopKRouter):
   cache: bool = False
 
   def __post_init__(self):
-    from moe_jax import validation as V  # pylint: disable=import-outside-toplevel
     V.check_choice("on", self.on, CONDITIONS)
     V.check_choice("gate", self.gate, GATES)
     integer = self.on in INTEGER_FIELDS
@@ -93,12 +93,16 @@ class ConditionedRouter(TopKRouter):
       raise ValueError(f"context.{self.on} has {value.shape[0]} rows for {num_tokens} tokens")
     return value
 
+  def _ids(self, c: jax.Array) -> jax.Array:
+    """Integer ids clipped into the tables' range."""
+    return jnp.clip(c.astype(jnp.int32), 0, self.num_values - 1)
+
   def _embedding(self, ids_or_values: jax.Array) -> jax.Array:
     """u(c): [N] ids -> learned rows; [N] noise levels -> sinusoids; [N, U] as given."""
     if self.on in INTEGER_FIELDS:
       table = self.param("condition_table", nn.initializers.normal(1.0),
                          (self.num_values, self.embed_dim), self.param_dtype)
-      return jnp.take(table.astype(jnp.float32), ids_or_values.astype(jnp.int32), axis=0)
+      return jnp.take(table.astype(jnp.float32), self._ids(ids_or_values), axis=0)
     if self.on == "noise_level":
       return sinusoidal_features(ids_or_values, self.embed_dim)
     return ids_or_values.astype(jnp.float32)
@@ -116,18 +120,14 @@ class ConditionedRouter(TopKRouter):
                      nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                       in_axis=-2, out_axis=-1),
                      (self.num_values, x_TD.shape[-1], self.num_experts), self.param_dtype)
-      ids_T = jnp.clip(c.astype(jnp.int32), 0, self.num_values - 1)
-      x = x_TD.astype(jnp.float32)
       # Every token against every value's gate, then its own (num_values is small).
-      all_TNE = jnp.einsum("TD,NDE->TNE", x, w.astype(jnp.float32))
-      return jnp.take_along_axis(all_TNE, ids_T[:, None, None], axis=1)[:, 0]
+      all_TNE = jnp.einsum("TD,NDE->TNE", x_TD.astype(jnp.float32), w.astype(jnp.float32))
+      return jnp.take_along_axis(all_TNE, self._ids(c)[:, None, None], axis=1)[:, 0]
     if self.gate == "token_and_condition":
       return (router_logits(self, x_TD, self.num_experts, self.jitter, deterministic,
                             self.param_dtype)
               + self._condition_logits(self._embedding(c)))
     if self.cache:  # one gate evaluation per id, gathered by every token
       per_value_NE = self._condition_logits(self._embedding(jnp.arange(self.num_values)))
-      return jnp.take(per_value_NE, jnp.clip(c.astype(jnp.int32), 0, self.num_values - 1),
-                      axis=0)
+      return jnp.take(per_value_NE, self._ids(c), axis=0)
     return self._condition_logits(self._embedding(c))
-

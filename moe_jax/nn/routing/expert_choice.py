@@ -26,7 +26,7 @@ def expert_choice_capacity(group_size: int, num_experts: int, capacity_factor: f
 
 @ROUTERS.register("expert_choice")
 class ExpertChoiceRouter(nn.Module):
-  """Expert choice (Zhou et al. 2022, arXiv:2202.09368): each expert takes its top-C tokens per group.
+  """Expert choice (arXiv:2202.09368): each expert takes its top-C tokens per group.
 
   Scores are softmax over experts per token; expert e keeps the C tokens of each
   group with the highest score for e and combines with that score. Load is

@@ -134,13 +134,15 @@ class TopKRouter(nn.Module):
     renormalize = self.renormalize and self.k > 1
     bias = None
     if self.bias_update_rate > 0:
-      if not (self.has_variable(ROUTER_STATE, "bias_E") or self.is_mutable_collection(ROUTER_STATE)):
+      if not (self.has_variable(ROUTER_STATE, "bias_E")
+              or self.is_mutable_collection(ROUTER_STATE)):
         raise ValueError("bias_update_rate > 0 keeps its bias in the 'router_state' collection: "
                          "apply with the variables init() returned (params and router_state)")
       bias = self.variable(ROUTER_STATE, "bias_E", jnp.zeros, (self.num_experts,), jnp.float32)
     position_TK = counts_E = None
     if self.fused:
-      from kernels_pallas.router import fused_top_k_router  # pylint: disable=import-outside-toplevel
+      # pylint: disable-next=import-outside-toplevel
+      from kernels_pallas.router import fused_top_k_router
       index_TK, weight_TK, position_TK, counts_E = fused_top_k_router(
           logits_TE, k=self.k, renormalize=renormalize)
     else:
