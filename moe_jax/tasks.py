@@ -12,6 +12,7 @@ from moe_jax import validation as V
 
 TASK_KINDS = ("classify", "contrastive", "lm")
 MODALITIES = ("image", "video", "audio", "text", "tokens")
+VALID = "valid"  # eval batches: bool[B], False on the fill that pads the last batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,13 @@ class Task:
     prompt_template: zero-shot prompt made from a class name, e.g. "a handwritten {}".
     task_id: the task's index in the experiment (set by tasks_from_config); routers
       that condition on the task read it from the Context.
+    transforms: host preprocessing, one call per entry, e.g. ("decode_image",
+      "resize(36)", "random_crop(32)"); config may give one "a|b(1)" string (see
+      moe_jax.data.transforms). Train-time randomness (crops, flips, audio windows)
+      is off at eval.
+    eval_transforms: for eval_source, when it needs other preprocessing (None: the same).
+    eval_batch_size: eval examples per step (None: batch_size); the last batch of the
+      split is filled up and masked, so every example counts once.
   """
 
   name: str
@@ -54,6 +62,9 @@ class Task:
   source_args: tuple[tuple[str, Any], ...] = ()
   prompt_template: str = "{}"
   task_id: int = 0
+  transforms: tuple[str, ...] = ()
+  eval_transforms: tuple[str, ...] | None = None
+  eval_batch_size: int | None = None
 
   def __post_init__(self):
     V.check_choice(f"tasks.{self.name}.kind", self.kind, TASK_KINDS)
@@ -67,6 +78,8 @@ class Task:
       V.check_int_range(f"tasks.{self.name}.num_classes", self.num_classes, lo=2)
     V.check_int_range(f"tasks.{self.name}.batch_size", self.batch_size, lo=1)
     V.check_int_range(f"tasks.{self.name}.microbatches", self.microbatches, lo=1)
+    if self.eval_batch_size is not None:
+      V.check_int_range(f"tasks.{self.name}.eval_batch_size", self.eval_batch_size, lo=1)
     if self.batch_size % self.microbatches:
       raise ValueError(f"tasks.{self.name}.batch_size={self.batch_size} is not divisible by "
                        f"microbatches={self.microbatches}")

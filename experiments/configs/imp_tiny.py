@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer = dict(learning_rate=2e-3, warmup_steps=100, weight_decay=1e-4, grad_clip_norm=1.0,
                      end_lr_factor=0.05)
   c.train = dict(num_steps=2000, log_every=100, eval_every=1000, checkpoint_every=500,
-                 keep_checkpoints=2, eval_batches=6, tensorboard=True,
+                 keep_checkpoints=2, eval_batches=0, tensorboard=True,  # 0: whole split
                  moe_telemetry=True)  # per layer, per expert loads every log step
 
   if arg == "smoke":

@@ -9,10 +9,9 @@ log(1e-6 + mel), normalised with fixed constants measured on the train split.
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
+from moe_jax.data import spectrogram
 from moe_jax.data.digits import check_split
 from moe_jax.data.text import DIGIT_NAMES, ByteTokenizer
 
@@ -67,42 +66,16 @@ def synthesize(digit: int, rng: np.random.Generator) -> np.ndarray:
     return clip
 
 
-def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
-    return 2595.0 * np.log10(1.0 + hz / 700.0)
-
-
-def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
-    return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
-
-
-@functools.lru_cache(maxsize=None)
-def mel_filterbank(num_mels: int = NUM_MELS, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE,
-                   f_min: float = F_MIN, f_max: float = F_MAX) -> np.ndarray:
-    """Triangular filters float32[num_mels, n_fft // 2 + 1], equally spaced in mel, peak 1."""
-    edges = _mel_to_hz(np.linspace(_hz_to_mel(f_min), _hz_to_mel(f_max), num_mels + 2))
-    bins = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
-    lower, center, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    rising = (bins - lower) / (center - lower)
-    falling = (upper - bins) / (upper - center)
-    fb = np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
-    fb.flags.writeable = False
-    return fb
-
-
-@functools.lru_cache(maxsize=None)
-def _stft_setup() -> tuple[np.ndarray, np.ndarray]:
-    """(frame gather indices int[32, 256], periodic Hann window scaled by 1 / sum)."""
-    index = HOP * np.arange(NUM_FRAMES)[:, None] + np.arange(N_FFT)[None, :]
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)
-    return index, (window / window.sum()).astype(np.float32)
+def mel_filterbank() -> np.ndarray:
+    """The 32-band telephone-band filterbank float32[32, 129] of the DTMF spectrograms."""
+    return spectrogram.mel_filterbank(NUM_MELS, N_FFT, SAMPLE_RATE, F_MIN, F_MAX)
 
 
 def log_mel(clips: np.ndarray) -> np.ndarray:
     """float32[..., 4000] waveforms -> normalised log-mel float32[..., 32 frames, 32 mels]."""
-    index, window = _stft_setup()
-    spectrum = np.fft.rfft(clips[..., index] * window, axis=-1)  # [..., frames, n_fft / 2 + 1]
-    mel = (spectrum.real**2 + spectrum.imag**2) @ mel_filterbank().T
-    return ((np.log(1e-6 + mel) - LOGMEL_MEAN) / LOGMEL_STD).astype(np.float32)
+    mel = spectrogram.log_mel(clips, sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop=HOP,
+                              num_mels=NUM_MELS, f_min=F_MIN, f_max=F_MAX)
+    return (mel - np.float32(LOGMEL_MEAN)) / np.float32(LOGMEL_STD)
 
 
 class DtmfAudio:

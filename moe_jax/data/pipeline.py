@@ -1,4 +1,4 @@
-"""Deterministic, resumable batching of a random-access source (numpy only).
+"""Deterministic, resumable batching of a random-access source, loaded with grain.
 
 The global stream is a pure function of (seed, position):
 - epoch e visits `np.random.default_rng([seed, e]).permutation(N)` (or 0..N-1 when
@@ -7,7 +7,17 @@ The global stream is a pure function of (seed, position):
 - process p of P keeps the contiguous slice [p*B/P, (p+1)*B/P) of it;
 - the optional `transform(example, rng)` gets
   `rng = np.random.default_rng([seed, e * N + epoch_position])`.
-So the iterator's whole state is the number of batches consumed (`get_state()`).
+So the iterator's whole state is the number of batches consumed (`get_state()`),
+whatever the number of workers: a run may resume with other loader settings.
+
+drop_remainder=False (eval) covers the whole split: the last batch is filled up to
+B with copies of the epoch's last example and every batch carries "valid" (bool[B],
+False on the fill), so shapes stay static and metrics can ignore the fill.
+
+Loading: `batch_at` builds one batch synchronously (pure). Iterating goes through a
+grain `MapDataset` over batch positions: `num_threads` batches are built ahead in
+threads (decode and resize release the GIL), and `num_workers > 0` builds them in
+worker processes instead (grain's mp_prefetch), for pipelines heavy in Python.
 """
 from __future__ import annotations
 
@@ -15,8 +25,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from moe_jax.tasks import VALID  # per-example mask of eval batches: False on the fill
+
 Example = dict[str, np.ndarray]
 Transform = Callable[[Example, np.random.Generator], Example]
+_FOREVER = 1 << 62
 
 
 class BatchIterator:
@@ -24,26 +37,35 @@ class BatchIterator:
 
     def __init__(self, source: Any, batch_size: int, *, seed: int, shuffle: bool = True,
                  drop_remainder: bool = True, transform: Transform | None = None,
-                 process_index: int = 0, process_count: int = 1, name: str = "batch"):
+                 process_index: int = 0, process_count: int = 1, name: str = "batch",
+                 num_workers: int = 0, num_threads: int = 0, prefetch: int = 2):
         if batch_size < 1 or batch_size % process_count:
             raise ValueError(f"batch_size={batch_size} must be >= 1 and divisible by "
                              f"process_count={process_count}")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        if num_workers < 0 or num_threads < 0 or prefetch < 1:
+            raise ValueError(f"num_workers={num_workers} and num_threads={num_threads} must be "
+                             f">= 0 and prefetch={prefetch} >= 1")
         self.source, self.batch_size, self.seed = source, batch_size, seed
         self.shuffle, self.drop_remainder, self.transform = shuffle, drop_remainder, transform
         self.process_index, self.process_count = process_index, process_count
         self.name = name  # says whose batch it is in errors (the task)
+        self.num_workers, self.num_threads, self.prefetch = num_workers, num_threads, prefetch
         self.num_examples = len(source)
         if drop_remainder:
             self.batches_per_epoch = self.num_examples // batch_size
         else:
             self.batches_per_epoch = -(-self.num_examples // batch_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"source has {self.num_examples} examples: not one batch of "
+            raise ValueError(f"{name}: source has {self.num_examples} examples: not one batch of "
                              f"{batch_size} (drop_remainder={drop_remainder})")
         self._position = 0
+        self._stream: Iterator[Example] | None = None  # grain iterator from _position on
         self._order_cache: tuple[int, np.ndarray] | None = None  # (epoch, order)
+
+    def __getstate__(self):  # what grain workers receive: no live iterator
+        return {**self.__dict__, "_stream": None}
 
     # --- state -------------------------------------------------------------------------
     def get_state(self) -> dict[str, int]:
@@ -52,6 +74,7 @@ class BatchIterator:
 
     def set_state(self, state: dict[str, int]) -> None:
         self._position = int(state["position"])
+        self._stream = None
 
     # --- pure access -------------------------------------------------------------------
     def _order(self, epoch: int) -> np.ndarray:
@@ -65,20 +88,27 @@ class BatchIterator:
 
     def batch_at(self, position: int) -> Example:
         """The batch number `position` of the stream (pure: does not move the iterator)."""
-        epoch, b = divmod(position, self.batches_per_epoch)
-        start = b * self.batch_size
-        stop = min(start + self.batch_size, self.num_examples)
-        local = np.array_split(np.arange(start, stop), self.process_count)[self.process_index]
+        epoch, b = divmod(int(position), self.batches_per_epoch)
+        per_process = self.batch_size // self.process_count
+        start = b * self.batch_size + self.process_index * per_process
+        local = np.arange(start, start + per_process)  # epoch positions; >= N is fill
+        valid = local < self.num_examples
         order = self._order(epoch)
-        examples = [self.source[int(order[j])] for j in local]
-        if self.transform is not None:
-            examples = [
-                self.transform(ex, np.random.default_rng([self.seed, epoch * self.num_examples + int(j)]))
-                for ex, j in zip(examples, local)]
-        if not examples:  # a short final batch can leave a process nothing: empty arrays
-            template = self.source[int(order[0])]
-            return {k: np.stack([np.asarray(v)])[:0] for k, v in template.items()}
-        return {k: self._stack(k, [ex[k] for ex in examples]) for k in examples[0]}
+        n = self.num_examples
+        examples = []
+        for j in np.minimum(local, n - 1):
+            example = self.source[int(order[j])]
+            if self.transform is not None:
+                rng = np.random.default_rng([self.seed, epoch * n + int(j)])
+                try:
+                    example = self.transform(example, rng)
+                except ValueError as e:  # TransformError and friends: say whose example
+                    raise type(e)(f"{self.name}, example {int(order[j])}: {e}") from e
+            examples.append(example)
+        batch = {k: self._stack(k, [ex[k] for ex in examples]) for k in examples[0]}
+        if not self.drop_remainder:
+            batch[VALID] = valid
+        return batch
 
     def _stack(self, key: str, values: list) -> np.ndarray:
         try:
@@ -89,19 +119,43 @@ class BatchIterator:
             raise ValueError(
                 f"{self.name}: feature {key!r} cannot be stacked into a batch: examples have "
                 f"shapes {', '.join(shapes)} and dtypes {', '.join(dtypes)} (pad, crop or "
-                f"resize them to one shape, or drop the feature with source_args.feature_map)"
+                f"resize them to one shape with the task's transforms, or drop the feature)"
             ) from e
 
     # --- iteration ---------------------------------------------------------------------
+    def batches(self, start: int, stop: int = _FOREVER) -> Iterator[Example]:
+        """Batches at positions [start, stop), built ahead by grain threads or workers."""
+        if self.num_workers == 0 and self.num_threads == 0:
+            return (self.batch_at(p) for p in range(start, stop))
+        import grain  # noqa: PLC0415 -- only when loading in parallel
+
+        ds = grain.MapDataset.range(start, stop).map(self.batch_at)
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(self.num_threads, 1),
+                                                  prefetch_buffer_size=self.prefetch))
+        if self.num_workers:
+            from absl import flags  # noqa: PLC0415
+
+            if not flags.FLAGS.is_parsed():  # grain reads its absl flags; libraries never parse
+                flags.FLAGS.mark_as_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self.num_workers, per_worker_buffer_size=self.prefetch))
+        return iter(it)
+
     def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> Example:
-        batch = self.batch_at(self._position)
+        if self._stream is None:
+            self._stream = self.batches(self._position)
+        batch = next(self._stream)
         self._position += 1
         return batch
 
     def epoch_batches(self, epoch: int = 0) -> Iterator[Example]:
         """One pass over epoch `epoch` (for eval); leaves the iterator's state alone."""
-        for b in range(self.batches_per_epoch):
-            yield self.batch_at(epoch * self.batches_per_epoch + b)
+        first = epoch * self.batches_per_epoch
+        return self.batches(first, first + self.batches_per_epoch)
+
+    def close(self) -> None:
+        """Stops worker processes (if any); iteration restarts where it was."""
+        self._stream = None

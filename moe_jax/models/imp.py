@@ -25,7 +25,7 @@ import numpy as np
 
 from moe_jax.nn import losses
 from moe_jax.nn.context import Context
-from moe_jax.tasks import MODALITIES, Task
+from moe_jax.tasks import MODALITIES, VALID, Task
 from moe_jax.config import TransformerConfig
 from moe_jax.tokenizer import ByteTokenizer
 from moe_jax.models.tokenizers import PatchTokenizer, TextTokenizer, drop_tokens
@@ -56,8 +56,12 @@ def _normalize(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
-def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+def _accuracy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None
+              ) -> jax.Array:
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  if weights is None:
+    return correct.mean()
+  return jnp.sum(correct * weights) / jnp.maximum(weights.sum(), 1.0)
 
 
 class IMPModel(nn.Module):
@@ -70,11 +74,15 @@ class IMPModel(nn.Module):
   def _dense(self, features: int, name: str) -> nn.Dense:
     return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
-  def _tokenize(self, modality: str, x: jax.Array, task: Task):
+  def _tokenize(self, modality: str, x: jax.Array, mask: jax.Array | None, task: Task):
+    """Input -> (tokens [B, S, D], mask [B, S] or None). `mask` is the input's padding
+    mask: text [B, L] per token, audio [B, frames] per spectrogram frame."""
     cfg = self.config
     if modality == "text":
-      return TextTokenizer(cfg.vocab_size, cfg.encoder.d_model, max(cfg.max_positions, 256),
-                           self.dtype, self.param_dtype, name="tokenizer_text")(x)
+      tokens, ids_mask = TextTokenizer(cfg.vocab_size, cfg.encoder.d_model,
+                                       max(cfg.max_positions, 256), self.dtype, self.param_dtype,
+                                       name="tokenizer_text")(x)
+      return tokens, ids_mask if mask is None else mask.astype(bool)
     if modality in ("image", "video") and task.image_size:
       size = task.image_size
       x = jax.image.resize(x.astype(jnp.float32), x.shape[:-3] + (size, size, x.shape[-1]),
@@ -83,14 +91,35 @@ class IMPModel(nn.Module):
     if modality not in patch:
       raise ValueError(f"IMPModel has no tokenizer for modality {modality!r}; "
                        f"allowed: image, video, audio, text")
+    if modality == "audio" and x.ndim != 3:
+      raise ValueError(f"task {task.name!r}: audio must be a spectrogram [batch, frames, mels], "
+                       f"got shape {tuple(x.shape)}; a waveform needs the transforms "
+                       "audio_to_float|pad_crop(...)|log_mel(...)")
     tok = PatchTokenizer(patch[modality], cfg.encoder.d_model, cfg.max_positions, self.dtype,
                          self.param_dtype, name=f"tokenizer_{modality}")
-    return tok(x), None
+    tokens = tok(x)
+    if mask is None:
+      return tokens, None
+    if modality != "audio":
+      raise ValueError(f"task {task.name!r}: a padding mask for {modality!r} is not supported "
+                       "(image and video inputs have one fixed shape)")
+    # A spectrogram patch is real when its first frame is (padding sits at the end), so the
+    # same clip padded to two lengths gives the same real tokens.
+    frames_t, grid_f = cfg.patch_audio[0], x.shape[2] // cfg.patch_audio[1]
+    mask_BT = mask.astype(bool)[:, ::frames_t][:, :x.shape[1] // frames_t]
+    return tokens, jnp.repeat(mask_BT, grid_f, axis=1)
 
   def encode(self, encoder: nn.Module, modality: str, x: jax.Array, task: Task,
-             deterministic: bool) -> jax.Array:
-    """Tokenize -> (DropToken) -> shared encoder -> pool -> output projection: [B, D]."""
-    tokens, mask = self._tokenize(modality, x, task)
+             deterministic: bool, mask: jax.Array | None = None,
+             valid_B: jax.Array | None = None) -> jax.Array:
+    """Tokenize -> (DropToken) -> shared encoder -> pool -> output projection: [B, D].
+
+    `valid_B` (eval batches) marks real examples: the fill's tokens are masked too, so
+    they take no expert capacity and do not change the real examples' outputs."""
+    tokens, mask = self._tokenize(modality, x, mask, task)
+    if valid_B is not None:
+      valid_BS = jnp.broadcast_to(valid_B.astype(bool)[:, None], tokens.shape[:2])
+      mask = valid_BS if mask is None else mask & valid_BS
     rate = task.drop_rate(modality)
     if rate > 0 and not deterministic:
       tokens, mask = drop_tokens(self.make_rng("droptoken"), tokens, mask, rate)
@@ -112,32 +141,39 @@ class IMPModel(nn.Module):
   def __call__(self, batch: dict[str, jax.Array], *, task: Task, deterministic: bool = True,
                zero_shot: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     encoder = TransformerStack(self.config.encoder, self.dtype, self.param_dtype, name="encoder")
-    encode = lambda m, x: self.encode(encoder, m, x, task, deterministic)
+    valid_B = batch.get(VALID)
+    encode = lambda m, x, mask=None, valid=valid_B: self.encode(encoder, m, x, task,
+                                                                deterministic, mask, valid)
     for m in task.modalities:
       if m not in batch:
         raise ValueError(f"task {task.name!r} reads {m!r} but the batch has {sorted(batch)}")
+    masks = {m: batch.get(f"{m}_mask") for m in task.modalities}
+    weights_B = None if valid_B is None else valid_B.astype(jnp.float32)
     if task.kind == "classify":
       m = task.modalities[0]
       logits = self._dense(task.num_classes, f"classifier_{task.head_name}")(
-          encode(m, batch[m])).astype(jnp.float32)
-      loss = losses.softmax_cross_entropy(logits, batch["label"])
-      return loss, {"loss": loss, "accuracy": _accuracy(logits, batch["label"])}
+          encode(m, batch[m], masks[m])).astype(jnp.float32)
+      loss = losses.softmax_cross_entropy(logits, batch["label"], weights_B)
+      return loss, {"loss": loss, "accuracy": _accuracy(logits, batch["label"], weights_B)}
     if task.kind != "contrastive":
       raise ValueError(f"IMPModel does not train task kind {task.kind!r}")
     a, b = pair = task.modalities
-    z_a = self._pair_embedding(pair, a, encode(a, batch[a]))
+    z_a = self._pair_embedding(pair, a, encode(a, batch[a], masks[a]))
     if zero_shot:
-      return self._zero_shot(pair, z_a, batch, encode, task)
-    z_b = self._pair_embedding(pair, b, encode(b, batch[b]))
+      return self._zero_shot(pair, z_a, batch, encode, task, weights_B)
+    z_b = self._pair_embedding(pair, b, encode(b, batch[b], masks[b]))
     scale = self._logit_scale(pair)
     logits = scale * z_a @ z_b.T
+    if valid_B is not None:  # the fill is no negative for anyone
+      logits = jnp.where(valid_B.astype(bool)[None, :], logits, -1e9)
     labels = jnp.arange(logits.shape[0])
-    loss = 0.5 * (losses.softmax_cross_entropy(logits, labels) +
-                  losses.softmax_cross_entropy(logits.T, labels))
-    return loss, {"loss": loss, f"{a}_to_{b}_accuracy": _accuracy(logits, labels),
-                  f"{b}_to_{a}_accuracy": _accuracy(logits.T, labels), "temperature": 1.0 / scale}
+    loss = 0.5 * (losses.softmax_cross_entropy(logits, labels, weights_B) +
+                  losses.softmax_cross_entropy(logits.T, labels, weights_B))
+    return loss, {"loss": loss, f"{a}_to_{b}_accuracy": _accuracy(logits, labels, weights_B),
+                  f"{b}_to_{a}_accuracy": _accuracy(logits.T, labels, weights_B),
+                  "temperature": 1.0 / scale}
 
-  def _zero_shot(self, pair, z_a, batch, encode, task):
+  def _zero_shot(self, pair, z_a, batch, encode, task, weights_B=None):
     """Classify modality a by similarity to the text prompts of every class."""
     if pair[1] != "text" or not task.class_names:
       raise ValueError(f"zero-shot eval of task {task.name!r} needs modalities (x, 'text') and "
@@ -146,6 +182,6 @@ class IMPModel(nn.Module):
     tok = ByteTokenizer()
     prompts = np.stack([tok.encode(task.prompt_template.format(c), length)
                         for c in task.class_names])
-    z_text = self._pair_embedding(pair, "text", encode("text", jnp.asarray(prompts)))
+    z_text = self._pair_embedding(pair, "text", encode("text", jnp.asarray(prompts), None, None))
     logits = z_a @ z_text.T
-    return jnp.zeros(()), {"zero_shot_accuracy": _accuracy(logits, batch["label"])}
+    return jnp.zeros(()), {"zero_shot_accuracy": _accuracy(logits, batch["label"], weights_B)}

@@ -16,7 +16,7 @@ import numpy as np
 
 from moe_jax.nn import losses
 from moe_jax.nn.context import Context
-from moe_jax.tasks import MODALITIES, Task
+from moe_jax.tasks import MODALITIES, VALID, Task
 from moe_jax.config import TransformerConfig
 from moe_jax.tokenizer import ByteTokenizer
 from moe_jax.nn.transformer import TransformerStack
@@ -54,6 +54,8 @@ class DecoderLM(nn.Module):
     logits_BSV = nn.Dense(cfg.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
                           name="lm_head")(h_BSD)
     weights = (targets_BS != 0).astype(jnp.float32)  # 0 is padding
+    if VALID in batch:  # eval fill of the last batch
+      weights = weights * batch[VALID].astype(jnp.float32)[:, None]
     loss = losses.softmax_cross_entropy(logits_BSV, targets_BS, weights)
     correct = (jnp.argmax(logits_BSV, -1) == targets_BS).astype(jnp.float32)
     accuracy = jnp.sum(correct * weights) / jnp.maximum(weights.sum(), 1.0)

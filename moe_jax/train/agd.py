@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from moe_jax import validation as V
+from moe_jax.data.transforms import split_spec
 from moe_jax.tasks import MODALITIES, TASK_KINDS, Task  # noqa: F401  (re-exported)
 
 SAMPLERS = ("weighted", "interval")
@@ -124,6 +125,12 @@ def tasks_from_config(tasks_cfg: Mapping[str, Mapping[str, Any]],
     for key in ("modalities", "class_names"):
       if key in raw:
         raw[key] = tuple(raw[key])
+    for key in ("transforms", "eval_transforms"):
+      if raw.get(key) is not None:  # checked now: unknown names fail before any data loads
+        try:
+          raw[key] = split_spec(raw[key])
+        except ValueError as e:
+          raise ValueError(f"config.tasks.{name}.{key}: {e}") from None
     for key in ("drop_rates", "source_args"):
       if key in raw:  # hashable, since Task is a static jit argument
         raw[key] = tuple(sorted((k, _freeze(v)) for k, v in dict(raw[key]).items()))

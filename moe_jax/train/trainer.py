@@ -23,10 +23,12 @@ from moe_jax.train import agd
 from moe_jax.train.checkpoint import Checkpointer
 from moe_jax.config import MoEConfig
 from moe_jax.data import BatchIterator, make_source
+from moe_jax.data.transforms import Pipeline
 from moe_jax.train.metrics import (Averager, LoadWindow, Progress, SummaryWriter,
                                    format_duration)
 from moe_jax.parallel.partitioning import check_mesh_fits, global_batch, mesh_from_config
 from moe_jax.parallel.sharding import DEFAULT_RULES, initialize_distributed
+from moe_jax.tasks import VALID
 from moe_jax.train.step import (MixedTasks, init_train_state, make_eval_step, make_optimizer,
                                 make_train_step, pin_state_sharding)
 
@@ -56,14 +58,26 @@ def check_workdir(workdir: str) -> None:
     raise TrainingError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from None
 
 
-def _iterator(task: agd.Task, spec: str, seed: int, train: bool) -> BatchIterator:
+def _iterator(task: agd.Task, spec: str, seed: int, train: bool,
+              loader: Mapping[str, Any]) -> BatchIterator:
+  """The task's batches from `spec`: train (shuffled, full batches) or eval (the whole
+  split in order, the last batch filled up and masked)."""
   source = make_source(spec, **dict(task.source_args))
-  if len(source) < task.batch_size:
+  calls = task.transforms if train or task.eval_transforms is None else task.eval_transforms
+  class_names = task.class_names or tuple(getattr(source, "class_names", ()) or ())
+  transform = Pipeline(calls, training=train, class_names=class_names) if calls else None
+  batch_size = task.batch_size if train else task.eval_batch_size or task.batch_size
+  if train and len(source) < batch_size:
     raise ValueError(f"task {task.name!r}: source {spec!r} has {len(source)} examples, fewer "
-                     f"than batch_size={task.batch_size}")
-  return BatchIterator(source, task.batch_size, seed=seed, shuffle=train, drop_remainder=True,
-                       process_index=jax.process_index(), process_count=jax.process_count(),
-                       name=f"task {task.name!r}")
+                     f"than batch_size={batch_size}")
+  # Eval passes are short and restart each time: threads, never worker processes.
+  workers = int(loader.get("num_workers", 0)) if train else 0
+  return BatchIterator(source, batch_size, seed=seed, shuffle=train, drop_remainder=train,
+                       transform=transform, process_index=jax.process_index(),
+                       process_count=jax.process_count(),
+                       name=f"task {task.name!r} ({'train' if train else 'eval'} {spec})",
+                       num_workers=workers, num_threads=int(loader.get("num_threads", 1)),
+                       prefetch=int(loader.get("prefetch", 2)))
 
 
 def _finite_or_raise(step: int, task_name: str, metrics: Mapping[str, float],
@@ -74,9 +88,11 @@ def _finite_or_raise(step: int, task_name: str, metrics: Mapping[str, float],
                         f"The last good checkpoint (step {last_checkpoint}) is untouched")
 
 
-def evaluate(eval_step, variables, tasks, eval_iters, max_batches: int,
+def evaluate(eval_step, variables, tasks, eval_iters, max_batches: int = 0,
              put=lambda batch: batch) -> dict[str, dict]:
-  """Mean metrics over up to `max_batches` eval batches of every task (+ zero-shot).
+  """Metrics of every task (+ zero-shot) over its whole eval split (or `max_batches`
+  batches when > 0), each batch weighted by its real examples ("valid"), so the fill
+  of the last batch counts for nothing.
 
   `put` turns a process-local batch into the global arrays the step takes."""
   results = {}
@@ -84,18 +100,23 @@ def evaluate(eval_step, variables, tasks, eval_iters, max_batches: int,
     if task.name not in eval_iters:
       continue
     sums: dict[str, float] = {}
-    n = 0
+    n = examples = 0
     for batch in eval_iters[task.name].epoch_batches():
-      if n >= max_batches:
+      if max_batches and n >= max_batches:
         break
       batch = put(batch)
+      # Metrics are means over the global batch's real examples: weight by their number.
+      real = (int(jax.device_get(jnp.sum(batch[VALID]))) if VALID in batch
+              else next(int(v.shape[0]) for v in batch.values() if np.ndim(v)))
       metrics = eval_step(variables, batch, task)
       if task.kind == "contrastive" and task.class_names and task.modalities[1] == "text":
         metrics = {**metrics, **eval_step(variables, batch, task, zero_shot=True)}
       for k, v in jax.device_get(metrics).items():
-        sums[k] = sums.get(k, 0.0) + float(v)
+        sums[k] = sums.get(k, 0.0) + float(v) * real
       n += 1
-    results[task.name] = {k: v / max(n, 1) for k, v in sums.items()} | {"eval_batches": n}
+      examples += real
+    results[task.name] = ({k: v / max(examples, 1) for k, v in sums.items()}
+                          | {"eval_batches": n, "eval_examples": examples})
   return results
 
 
@@ -126,9 +147,14 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   check_mesh_fits(mesh, MoEConfig(**moe_cfg).num_experts if moe_cfg else None,
                   {t.name: t.batch_size for t in tasks}, rules)
   sampler = agd.TaskSampler(tasks, config.agd.get("sampler", "weighted"), seed)
-  train_iters = {t.name: _iterator(t, t.source, seed + 1000 * i, True) for i, t in enumerate(tasks)}
-  eval_iters = {t.name: _iterator(t, t.eval_source, seed, False) for t in tasks if t.eval_source}
+  loader = dict(config.get("data", None) or {})
+  train_iters = {t.name: _iterator(t, t.source, seed + 1000 * i, True, loader)
+                 for i, t in enumerate(tasks)}
+  eval_iters = {t.name: _iterator(t, t.eval_source, seed, False, loader)
+                for t in tasks if t.eval_source}
   put = lambda batch: global_batch(mesh, batch, rules)
+  for it in eval_iters.values():  # a bad eval transform fails now, not after training
+    it.batch_at(0)
 
   num_steps = int(tcfg.num_steps)
   tx = make_optimizer(config.optimizer, num_steps)
@@ -163,7 +189,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   writer = SummaryWriter(workdir if tcfg.get("tensorboard", True) and lead else None)
   averager, progress, loads = Averager(), Progress(start, num_steps), LoadWindow()
   log_every, eval_every = int(tcfg.log_every), int(tcfg.eval_every)
-  ckpt_every, eval_batches = int(tcfg.checkpoint_every), int(tcfg.eval_batches)
+  ckpt_every, eval_batches = int(tcfg.checkpoint_every), int(tcfg.get("eval_batches", 0))
   mixed = MixedTasks(tuple(tasks))
   pending = None  # (step, task name, device metrics): fetched one step late
   history: list[dict[str, Any]] = []
@@ -228,6 +254,8 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     writer.flush()
     writer.close()
     ckpt.close()
+    for it in train_iters.values():  # stops loader threads / worker processes
+      it.close()
 
   if final is None:  # e.g. resumed from the final checkpoint: nothing ran
     final = evaluate(eval_step, state.variables(), tasks, eval_iters, eval_batches, put)

@@ -298,15 +298,46 @@ def test_epoch_boundaries_and_eval_pass():
 
     ordered = BatchIterator(_Range(n), batch, seed=0, shuffle=False, drop_remainder=False)
     passes = [list(ordered.epoch_batches()) for _ in range(2)]
-    assert [b["idx"].tolist() for b in passes[0]] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # The whole split: the last batch is filled with copies of the last example, marked invalid.
+    assert [b["idx"].tolist() for b in passes[0]] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 9, 9]]
+    assert [b["valid"].tolist() for b in passes[0]] == [[True] * 4, [True] * 4,
+                                                         [True, True, False, False]]
     _assert_batches_equal(passes[0], passes[1])
     assert ordered.get_state() == {"position": 0}  # epoch_batches leaves the stream alone
 
     shuffled = BatchIterator(_Range(n), batch, seed=0, drop_remainder=False)
-    seen = np.concatenate([b["idx"] for b in shuffled.epoch_batches(epoch=3)])
+    seen = np.concatenate([b["idx"][b["valid"]] for b in shuffled.epoch_batches(epoch=3)])
     assert sorted(seen.tolist()) == list(range(n))
     with pytest.raises(ValueError, match="not one batch"):
         BatchIterator(_Range(3), 4, seed=0)
+
+
+def test_eval_fill_is_split_between_processes_like_any_batch():
+    # 10 examples, batch 4, 2 processes: the last global batch is positions 8, 9, fill, fill;
+    # process 0 holds 8 and 9, process 1 only fill.
+    parts = [list(BatchIterator(_Range(10), 4, seed=0, shuffle=False, drop_remainder=False,
+                                process_index=p, process_count=2).epoch_batches()) for p in (0, 1)]
+    assert [b["valid"].tolist() for b in parts[0]] == [[True, True]] * 3
+    assert [b["valid"].tolist() for b in parts[1]] == [[True, True]] * 2 + [[False, False]]
+    assert parts[1][2]["idx"].tolist() == [9, 9]  # a real example keeps transforms valid
+
+
+@pytest.mark.parametrize("loader", [dict(num_threads=2), dict(num_workers=2)])
+def test_parallel_loading_gives_the_same_stream_and_resumes(loader):
+    kwargs = dict(seed=1, transform=_add_noise)
+    serial = _take(BatchIterator(_Range(23), 4, **kwargs), 9)
+    parallel = BatchIterator(_Range(23), 4, **kwargs, **loader, prefetch=3)
+    _assert_batches_equal(_take(parallel, 5), serial[:5])
+    assert parallel.get_state() == {"position": 5}  # prefetched batches are not consumed
+    resumed = BatchIterator(_Range(23), 4, **kwargs, **loader)
+    resumed.set_state(parallel.get_state())
+    _assert_batches_equal(_take(resumed, 4), serial[5:])
+    evaluated = list(BatchIterator(_Range(23), 4, seed=1, drop_remainder=False,
+                                   **loader).epoch_batches(epoch=2))
+    _assert_batches_equal(evaluated, list(BatchIterator(_Range(23), 4, seed=1,
+                                                        drop_remainder=False).epoch_batches(2)))
+    parallel.close()
+    resumed.close()
 
 
 def test_transform_rng_is_seeded_by_the_global_example_position():

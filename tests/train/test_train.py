@@ -93,22 +93,29 @@ class _Batches:
     return iter(self.batches)
 
 
-def test_evaluate_averages_batches_up_to_the_limit_and_adds_zero_shot():
+def test_evaluate_weights_batches_by_real_examples_up_to_the_limit_and_adds_zero_shot():
   def eval_step(params, batch, task, zero_shot=False):
     del params, task
     return {"zero_shot_accuracy": batch["zs"]} if zero_shot else {"loss": batch["loss"]}
 
+  def b(loss, zs=0.0, valid=(True, True, True, True)):
+    return {"loss": np.float32(loss), "zs": np.float32(zs), "valid": np.array(valid)}
+
   contrast = Task("c", "contrastive", "x", modalities=("image", "text"), class_names=("a", "b"))
   classify = Task("k", "classify", "x", num_classes=2)
   no_text = Task("n", "contrastive", "x", modalities=("image", "audio"))
-  iters = {"c": _Batches([{"loss": 1.0, "zs": 0.5}, {"loss": 3.0, "zs": 1.0},
-                          {"loss": 100.0, "zs": 0.0}]),  # past max_batches: never read
-           "k": _Batches([{"loss": 2.0}]),
-           "n": _Batches([{"loss": 4.0, "zs": 1.0}, {"loss": 6.0, "zs": 1.0}])}
+  iters = {"c": _Batches([b(1.0, 0.5), b(3.0, 1.0, (True, False, False, False)),
+                          b(100.0)]),  # past max_batches: never read
+           "k": _Batches([{"loss": np.float32(2.0), "label": np.zeros(3)}]),  # no mask: 3 real
+           "n": _Batches([b(4.0, 1.0), b(6.0, 1.0)])}
   out = evaluate(eval_step, None, [contrast, classify, no_text], iters, max_batches=2)
-  assert out == {"c": {"loss": 2.0, "zero_shot_accuracy": 0.75, "eval_batches": 2},
-                 "k": {"loss": 2.0, "eval_batches": 1},
-                 "n": {"loss": 5.0, "eval_batches": 2}}
+  # c: 4 real examples at loss 1, one at loss 3 (the fill of the second batch counts 0).
+  assert out == {"c": {"loss": pytest.approx(7 / 5), "zero_shot_accuracy": pytest.approx(3 / 5),
+                       "eval_batches": 2, "eval_examples": 5},
+                 "k": {"loss": 2.0, "eval_batches": 1, "eval_examples": 3},
+                 "n": {"loss": 5.0, "eval_batches": 2, "eval_examples": 8}}
+  everything = evaluate(eval_step, None, [contrast], iters)  # max_batches=0: the whole split
+  assert everything["c"]["eval_batches"] == 3 and everything["c"]["eval_examples"] == 9
 
 
 class NanAfter:
