@@ -95,6 +95,12 @@ class IMPModel(nn.Module):
       raise ValueError(f"task {task.name!r}: audio must be a spectrogram [batch, frames, mels], "
                        f"got shape {tuple(x.shape)}; a waveform needs the transforms "
                        "audio_to_float|pad_crop(...)|log_mel(...)")
+    if modality == "audio" and x.shape[1] % cfg.patch_audio[0]:
+      # Frames need not fit the patch: pad the time axis up, as padding (masked).
+      extra = cfg.patch_audio[0] - x.shape[1] % cfg.patch_audio[0]
+      mask = jnp.ones(x.shape[:2], bool) if mask is None else mask.astype(bool)
+      mask = jnp.pad(mask, ((0, 0), (0, extra)))
+      x = jnp.pad(x, ((0, 0), (0, extra), (0, 0)))
     tok = PatchTokenizer(patch[modality], cfg.encoder.d_model, cfg.max_positions, self.dtype,
                          self.param_dtype, name=f"tokenizer_{modality}")
     tokens = tok(x)
@@ -164,8 +170,9 @@ class IMPModel(nn.Module):
     z_b = self._pair_embedding(pair, b, encode(b, batch[b], masks[b]))
     scale = self._logit_scale(pair)
     logits = scale * z_a @ z_b.T
-    if valid_B is not None:  # the fill is no negative for anyone
-      logits = jnp.where(valid_B.astype(bool)[None, :], logits, -1e9)
+    if valid_B is not None:  # the fill is no negative for anyone, either way round
+      valid = valid_B.astype(bool)
+      logits = jnp.where(valid[:, None] & valid[None, :], logits, -1e9)
     labels = jnp.arange(logits.shape[0])
     loss = 0.5 * (losses.softmax_cross_entropy(logits, labels, weights_B) +
                   losses.softmax_cross_entropy(logits.T, labels, weights_B))

@@ -160,6 +160,68 @@ def test_imp_padding_captions_further_changes_nothing():
   assert float(zs8["zero_shot_accuracy"]) == float(zs13["zero_shot_accuracy"])
 
 
+def _classifier_logits(model, params, batch, task):
+  (loss, metrics), st = model.apply({"params": params}, batch, task=task,
+                                    capture_intermediates=True, mutable=["intermediates"])
+  logits = st["intermediates"][f"classifier_{task.head_name}"]["__call__"][0]
+  return loss, metrics, np.asarray(logits, np.float64)
+
+
+def test_imp_padding_audio_clips_further_changes_nothing():
+  """Clips of 900 and 1500 samples padded to 2048 and to 4096 samples (15 and 31 log-mel
+  frames, neither a multiple of the 4-frame patch): the same logits. The waveform mask
+  becomes a frame mask (log_mel: a frame is real when it starts inside the clip: 8 and 12
+  frames), then a token mask (the audio tokenizer)."""
+  from moe_jax.data.transforms import build_transforms
+
+  task = Task("snd", "classify", "x", modalities=("audio",), num_classes=3)
+  rng = np.random.default_rng(0)
+  clips = [rng.integers(-8000, 8000, n).astype(np.int16) for n in (900, 1500)]
+
+  def batch(samples):
+    pipe = build_transforms(f"audio_to_float|pad_crop(samples={samples})|log_mel(sample_rate="
+                            "8000, n_fft=256, hop=128, num_mels=16)|standardize", training=False)
+    examples = [pipe({"audio": c}, None) for c in clips]
+    out = {k: jnp.asarray(np.stack([e[k] for e in examples])) for k in examples[0]}
+    return {**out, "label": jnp.array([0, 2])}
+
+  short, long = batch(2048), batch(4096)
+  assert short["audio"].shape == (2, 15, 16) and long["audio"].shape == (2, 31, 16)
+  assert short["audio_mask"].sum(1).tolist() == long["audio_mask"].sum(1).tolist() == [8, 12]
+  model = models.build_model(IMP)
+  params = model.init(jax.random.key(1), short, task=task)["params"]
+  loss_s, _, logits_s = _classifier_logits(model, params, short, task)
+  loss_l, _, logits_l = _classifier_logits(model, params, long, task)
+  np.testing.assert_allclose(logits_s, logits_l, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(loss_s, loss_l, rtol=1e-5)
+  # Without the mask the padding does change the output (the test can fail).
+  no_mask = lambda b: {k: v for k, v in b.items() if k != "audio_mask"}
+  _, _, raw_s = _classifier_logits(model, params, no_mask(short), task)
+  _, _, raw_l = _classifier_logits(model, params, no_mask(long), task)
+  assert np.abs(raw_s - raw_l).max() > 1e-3
+
+
+def test_imp_eval_fill_changes_nothing_for_the_real_examples():
+  """An eval batch of 4 whose last 2 rows are fill ("valid" False) gives the metrics of
+  the 2 real examples alone, for classification and contrastive tasks."""
+  model = models.build_model(IMP)
+  classify = Task("img", "classify", "x", modalities=("image",), num_classes=3)
+  full = _contrast_batch(jax.random.randint(jax.random.key(5), (4, 6), 1, 257))
+  full["label"] = jnp.array([0, 2, 1, 1])
+  params = model.init(jax.random.key(1), full, task=CONTRAST)["params"]
+  params = {**params, **model.init(jax.random.key(1), full, task=classify)["params"]}
+  real = jax.tree.map(lambda x: x[:2], full)
+  filled = {**full, "valid": jnp.array([True, True, False, False])}
+  for task in (classify, CONTRAST):
+    (loss_real, m_real) = model.apply({"params": params}, real, task=task)
+    (loss_fill, m_fill) = model.apply({"params": params}, filled, task=task)
+    (loss_all, _) = model.apply({"params": params}, full, task=task)
+    np.testing.assert_allclose(loss_fill, loss_real, rtol=1e-5)
+    assert abs(float(loss_all) - float(loss_real)) > 1e-4  # the fill would count otherwise
+    for k in m_real:
+      np.testing.assert_allclose(m_fill[k], m_real[k], rtol=1e-5, err_msg=k)
+
+
 def test_imp_reports_missing_modality():
   model = models.build_model(IMP)
   task = Task("vid", "classify", "x", modalities=("video",), num_classes=3)
