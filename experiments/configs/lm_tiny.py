@@ -47,6 +47,9 @@ def get_config(arg: str | None = None, moe: bool = True) -> ml_collections.Confi
   # Device mesh (product = device count; all 1 = one device). E.g. on 8 devices
   # --config.mesh.data=2 --config.mesh.expert=4 (num_experts must divide by expert).
   c.mesh = dict(data=1, fsdp=1, expert=1, model=1)
+  # Input loading: batches built ahead in `num_threads` threads (grain); num_workers > 0
+  # builds them in worker processes instead (for heavy Python preprocessing).
+  c.data = dict(num_workers=0, num_threads=1, prefetch=2)
   c.optimizer = dict(learning_rate=3e-3, warmup_steps=100, weight_decay=1e-4, grad_clip_norm=1.0,
                      end_lr_factor=0.1)
   c.train = dict(num_steps=800, log_every=100, eval_every=400, checkpoint_every=400,

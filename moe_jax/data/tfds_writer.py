@@ -22,8 +22,10 @@ def write_tfds_dataset(name: str, features: Any, splits: Mapping[str, Iterable[M
     if not name.isidentifier() or name != name.lower():
         raise ValueError(f"TFDS dataset name {name!r} must be a lower-case identifier")
     split_examples = {split: list(examples) for split, examples in splits.items()}
+    dataset_name = name
 
-    class _Builder(tfds.core.GeneratorBasedBuilder):
+    class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        name = dataset_name  # not registered: a process may write many datasets
         VERSION = tfds.core.Version(version)
 
         def _info(self):
@@ -37,7 +39,6 @@ def write_tfds_dataset(name: str, features: Any, splits: Mapping[str, Iterable[M
             for i, example in enumerate(split_examples[split]):
                 yield i, dict(example)
 
-    _Builder.name = name
     builder = _Builder(data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))

@@ -170,7 +170,7 @@ def _classifier_logits(model, params, batch, task):
 def test_imp_padding_audio_clips_further_changes_nothing():
   """Clips of 900 and 1500 samples padded to 2048 and to 4096 samples (15 and 31 log-mel
   frames, neither a multiple of the 4-frame patch): the same logits. The waveform mask
-  becomes a frame mask (log_mel: a frame is real when it starts inside the clip: 8 and 12
+  becomes a frame mask (log_mel: a frame is real when it lies inside the clip: 6 and 10
   frames), then a token mask (the audio tokenizer)."""
   from moe_jax.data.transforms import build_transforms
 
@@ -187,7 +187,7 @@ def test_imp_padding_audio_clips_further_changes_nothing():
 
   short, long = batch(2048), batch(4096)
   assert short["audio"].shape == (2, 15, 16) and long["audio"].shape == (2, 31, 16)
-  assert short["audio_mask"].sum(1).tolist() == long["audio_mask"].sum(1).tolist() == [8, 12]
+  assert short["audio_mask"].sum(1).tolist() == long["audio_mask"].sum(1).tolist() == [6, 10]
   model = models.build_model(IMP)
   params = model.init(jax.random.key(1), short, task=task)["params"]
   loss_s, _, logits_s = _classifier_logits(model, params, short, task)

@@ -1,7 +1,7 @@
 """Audio transforms: waveform to float, resample, pad/crop with a mask, log-mel, standardize.
 
 A padded waveform carries its mask in "<key>_mask" (bool per sample); log_mel turns
-it into a mask per frame (a frame is real when it starts inside the clip), which
+it into a mask per frame (a frame is real when it lies inside the clip), which
 the audio tokenizer turns into a mask per token, so padding never reaches attention,
 routing or pooling.
 """
@@ -144,8 +144,15 @@ class LogMel(Transform):
                                   eps=self.eps)
         out = {**example, self.key: mel}
         mask_key = self.key + MASK_SUFFIX
-        if mask_key in example:  # a frame is real when its first sample is
-            out[mask_key] = np.asarray(example[mask_key], bool)[self.hop * np.arange(mel.shape[0])]
+        if mask_key in example:
+            # A frame is real when it lies wholly inside the clip (its last sample is real),
+            # so the real frames and their values do not depend on how much padding follows;
+            # the first frame counts whenever the clip is not empty (clips under n_fft).
+            samples = np.asarray(example[mask_key], bool)
+            starts = self.hop * np.arange(mel.shape[0])
+            frames = samples[starts + self.n_fft - 1]
+            frames[0] |= samples[0]
+            out[mask_key] = frames
         return out
 
 

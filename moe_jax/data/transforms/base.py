@@ -98,9 +98,29 @@ def _parse_call(text: str) -> tuple[str, tuple, dict[str, Any]]:
         return node.id, (), {}
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
         raise ValueError(f"transform {text!r} is not of the form name or name(args)")
+    if any(k.arg is None for k in node.keywords):
+        raise ValueError(f"transform {text!r}: write arguments as key=value, not **{{...}}")
     args = tuple(_literal(a, text) for a in node.args)
-    kwargs = {k.arg: _literal(k.value, text) for k in node.keywords if k.arg}
+    kwargs = {k.arg: _literal(k.value, text) for k in node.keywords}
     return node.func.id, args, kwargs
+
+
+def _split_top_level(spec: str) -> list[str]:
+    """"a|b('x|y')" -> ["a", "b('x|y')"]: splits on '|' outside quotes and brackets."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(spec):
+        if quote:
+            quote = "" if ch == quote and spec[i - 1] != "\\" else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    return parts + [spec[start:]]
 
 
 def split_spec(spec: Any) -> tuple[str, ...]:
@@ -111,7 +131,7 @@ def split_spec(spec: Any) -> tuple[str, ...]:
     """
     if spec is None or spec == "":
         return ()
-    items = spec.split("|") if isinstance(spec, str) else list(spec)
+    items = _split_top_level(spec) if isinstance(spec, str) else list(spec)
     calls = []
     for item in items:
         if isinstance(item, Mapping) or hasattr(item, "items"):

@@ -35,10 +35,11 @@ class Keep(_Keys):
 @register("drop")
 @dataclasses.dataclass(frozen=True, init=False)
 class Drop(_Keys):
-    """These features are removed (absent ones are ignored)."""
+    """These features and their "_mask" companions are removed (absent ones are ignored)."""
 
     def __call__(self, example: Example, rng: np.random.Generator) -> Example:
-        return {k: v for k, v in example.items() if k not in self.keys}
+        gone = set(self.keys) | {k + "_mask" for k in self.keys}
+        return {k: v for k, v in example.items() if k not in gone}
 
 
 @register("rename")
