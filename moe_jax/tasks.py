@@ -44,6 +44,8 @@ class Task:
     eval_transforms: for eval_source, when it needs other preprocessing (None: the same).
     eval_batch_size: eval examples per step (None: batch_size); the last batch of the
       split is filled up and masked, so every example counts once.
+    prompt_ids: zero-shot prompts as token ids, one tuple per class, made by the task's
+      own `tokenize` transform (set by tasks_from_config); () means byte tokens.
   """
 
   name: str
@@ -65,6 +67,7 @@ class Task:
   transforms: tuple[str, ...] = ()
   eval_transforms: tuple[str, ...] | None = None
   eval_batch_size: int | None = None
+  prompt_ids: tuple[tuple[int, ...], ...] = ()
 
   def __post_init__(self):
     V.check_choice(f"tasks.{self.name}.kind", self.kind, TASK_KINDS)

@@ -34,7 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       moe=dict(num_experts=4, router="expert_choice", capacity_factor=1.0, dispatch="einsum",
                sequence_groups=True,
                expert_hidden_dim=128, z_loss_weight=1e-3, load_balance_weight=0.0),
-      patch_image=(2, 2), patch_video=(1, 2, 2), patch_audio=(4, 4), embed_dim=64)
+      patch_image=(2, 2), patch_video=(1, 2, 2), patch_audio=(4, 4), embed_dim=64,
+      vocab_size=257)  # byte tokens; a tokenize(tokenizer=...) transform may need more
   c.tasks = dict(
       image_cls=dict(kind="classify", source="digits_image:train", eval_source="digits_image:test",
                      modalities=("image",), batch_size=64, weight=1.0,

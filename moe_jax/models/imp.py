@@ -186,9 +186,17 @@ class IMPModel(nn.Module):
       raise ValueError(f"zero-shot eval of task {task.name!r} needs modalities (x, 'text') and "
                        "class_names")
     length = batch["text"].shape[1]
-    tok = ByteTokenizer()
-    prompts = np.stack([tok.encode(task.prompt_template.format(c), length)
-                        for c in task.class_names])
-    z_text = self._pair_embedding(pair, "text", encode("text", jnp.asarray(prompts), None, None))
+    if task.prompt_ids:  # tokenized by the task's own tokenize transform
+      ids = [list(p[:length]) for p in task.prompt_ids]
+    else:
+      tok = ByteTokenizer()
+      ids = [list(tok.encode_bytes(task.prompt_template.format(c).encode("utf-8"))[:length])
+             for c in task.class_names]
+    prompts = np.zeros((len(ids), length), np.int32)
+    mask = np.zeros((len(ids), length), bool)
+    for i, row in enumerate(ids):
+      prompts[i, :len(row)], mask[i, :len(row)] = row, True
+    z_text = self._pair_embedding(pair, "text", encode("text", jnp.asarray(prompts),
+                                                       jnp.asarray(mask), None))
     logits = z_a @ z_text.T
     return jnp.zeros(()), {"zero_shot_accuracy": _accuracy(logits, batch["label"], weights_B)}

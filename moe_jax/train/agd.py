@@ -19,6 +19,7 @@ import numpy as np
 
 from moe_jax import validation as V
 from moe_jax.data.transforms import split_spec
+from moe_jax.data.transforms import text as text_transforms
 from moe_jax.tasks import MODALITIES, TASK_KINDS, Task  # noqa: F401  (re-exported)
 
 SAMPLERS = ("weighted", "interval")
@@ -143,7 +144,15 @@ def tasks_from_config(tasks_cfg: Mapping[str, Mapping[str, Any]],
     if "task_id" in raw:
       raise ValueError(f"config.tasks.{name}.task_id is set from the task's position in "
                        "config.tasks; remove it")
-    tasks.append(Task(name=name, task_id=len(tasks), **raw))
+    if "prompt_ids" in raw:
+      raise ValueError(f"config.tasks.{name}.prompt_ids is made from the task's tokenize "
+                       "transform and prompt_template; remove it")
+    task = Task(name=name, task_id=len(tasks), **raw)
+    if task.kind == "contrastive" and task.class_names and task.modalities[1] == "text":
+      calls = task.transforms if task.eval_transforms is None else task.eval_transforms
+      prompts = [task.prompt_template.format(c) for c in task.class_names]
+      task = dataclasses.replace(task, prompt_ids=text_transforms.prompt_ids(calls, prompts))
+    tasks.append(task)
   return tasks
 
 

@@ -24,6 +24,8 @@ from moe_jax.train.checkpoint import Checkpointer
 from moe_jax.config import MoEConfig
 from moe_jax.data import BatchIterator, make_source
 from moe_jax.data.transforms import Pipeline
+from moe_jax.data.transforms.text import vocab_needed
+from moe_jax.tokenizer import ByteTokenizer
 from moe_jax.train.metrics import (Averager, LoadWindow, Progress, SummaryWriter,
                                    format_duration)
 from moe_jax.parallel.partitioning import check_mesh_fits, global_batch, mesh_from_config
@@ -78,6 +80,17 @@ def _iterator(task: agd.Task, spec: str, seed: int, train: bool,
                        name=f"task {task.name!r} ({'train' if train else 'eval'} {spec})",
                        num_workers=workers, num_threads=int(loader.get("num_threads", 1)),
                        prefetch=int(loader.get("prefetch", 2)))
+
+
+def check_vocab(model_cfg: Mapping[str, Any], tasks) -> None:
+  """A tokenizer with more ids than the model's embedding is a one-line error now."""
+  vocab = int(model_cfg.get("vocab_size", ByteTokenizer.vocab_size))
+  for task in tasks:
+    for calls in (task.transforms, task.eval_transforms or ()):
+      need = vocab_needed(calls)
+      if need > vocab:
+        raise ValueError(f"task {task.name!r}: its tokenizer has {need} ids but "
+                         f"config.model.vocab_size={vocab}; set --config.model.vocab_size={need}")
 
 
 def _finite_or_raise(step: int, task_name: str, metrics: Mapping[str, float],
@@ -143,6 +156,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     raise ValueError(f"agd.mode={mode!r} is not supported; allowed: {', '.join(MODES)}")
   tasks = agd.tasks_from_config(config.tasks, lambda spec, kw: make_source(spec, **kw))
   model = models.build_model(config.model)
+  check_vocab(config.model, tasks)
   moe_cfg = config.model.get("moe")
   check_mesh_fits(mesh, MoEConfig(**moe_cfg).num_experts if moe_cfg else None,
                   {t.name: t.batch_size for t in tasks}, rules)

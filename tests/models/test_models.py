@@ -139,6 +139,24 @@ def test_imp_zero_shot_picks_the_nearest_class_prompt():
   np.testing.assert_allclose(zs["zero_shot_accuracy"], np.mean(guess == np.array([0, 1, 2, 0])))
 
 
+def test_imp_zero_shot_takes_the_tasks_prompt_ids():
+  import dataclasses
+
+  model = models.build_model(IMP)
+  batch = _contrast_batch(jax.random.randint(jax.random.key(5), (4, 6), 1, 257))
+  params = model.init(jax.random.key(1), batch, task=CONTRAST)["params"]
+  # Byte ids of the prompts ("a zero", ...; id = byte + 1) given as prompt_ids: the same
+  # prompt embeddings as the byte path (truncated to the batch's text length, 6).
+  byte_ids = tuple(tuple(b + 1 for b in f"a {c}".encode()) for c in CONTRAST.class_names)
+  same = dataclasses.replace(CONTRAST, prompt_ids=byte_ids)
+  other = dataclasses.replace(CONTRAST, prompt_ids=((5, 6), (7,), (8, 9, 10)))
+  run = lambda task: model.apply({"params": params}, batch, task=task, zero_shot=True,
+                                 capture_intermediates=True, mutable=["intermediates"])
+  prompts = lambda task: run(task)[1]["intermediates"]["contrast_image_text_text"]["__call__"][0]
+  np.testing.assert_allclose(prompts(same), prompts(CONTRAST), rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(prompts(other)) - np.asarray(prompts(CONTRAST))).max() > 1e-3
+
+
 def test_imp_padding_captions_further_changes_nothing():
   """The same captions padded to 8 and to 13 bytes: same loss, embeddings and zero-shot.
 

@@ -64,6 +64,28 @@ def test_tasks_from_config_lists_valid_keys_and_fills_classes():
   assert t.drop_rate("image") == 0.5 and t.drop_rate("text") == 0.0
 
 
+def test_zero_shot_prompts_use_the_tasks_own_tokenizer(tmp_path):
+  from tokenizers import Tokenizer, models, pre_tokenizers
+
+  vocab = {"[PAD]": 0, "[UNK]": 1, "a": 2, "photo": 3, "of": 4, "cat": 5, "dog": 6}
+  tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  path = str(tmp_path / "tokenizer.json")
+  tokenizer.save(path)
+  Src = collections.namedtuple("Src", "num_classes class_names")
+  raw = {"kind": "contrastive", "source": "x", "modalities": ("image", "text"),
+         "prompt_template": "a photo of {}", "transforms": f"tokenize(4, tokenizer={path!r})"}
+  (t,) = tasks_from_config({"t": raw}, lambda spec, kw: Src(3, ["cat", "dog", "cow"]))
+  # "a photo of cat" -> a photo of cat = 2 3 4 5, truncated at the length 4; cow is unknown.
+  assert t.prompt_ids == ((2, 3, 4, 5), (2, 3, 4, 6), (2, 3, 4, 1))
+  (b,) = tasks_from_config({"t": {**raw, "transforms": "tokenize(32)"}},
+                           lambda spec, kw: Src(3, ["cat", "dog", "cow"]))
+  assert b.prompt_ids[0] == tuple(c + 1 for c in b"a photo of cat")  # byte ids: byte + 1
+  (n,) = tasks_from_config({"t": {**raw, "transforms": ""}},
+                           lambda spec, kw: Src(3, ["cat", "dog", "cow"]))
+  assert n.prompt_ids == ()  # no tokenize step: the model's byte tokens
+
+
 def test_a_second_compile_for_a_task_names_what_changed(caplog):
   cache = StepCache(lambda state, batch, task: state + batch["x"].sum(), donate_state=False)
   a = _task("a")

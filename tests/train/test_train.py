@@ -16,6 +16,7 @@ from experiments.configs import imp_tiny, lm_tiny
 from moe_jax.data import sources
 from moe_jax.train.agd import Task
 from moe_jax.train import TrainingError, evaluate, train_and_evaluate
+from moe_jax.train.trainer import check_vocab
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -116,6 +117,15 @@ def test_evaluate_weights_batches_by_real_examples_up_to_the_limit_and_adds_zero
                  "n": {"loss": 5.0, "eval_batches": 2, "eval_examples": 8}}
   everything = evaluate(eval_step, None, [contrast], iters)  # max_batches=0: the whole split
   assert everything["c"]["eval_batches"] == 3 and everything["c"]["eval_examples"] == 9
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_one_line():
+  task = Task("t", "classify", "x", modalities=("text",), num_classes=2,
+              transforms=("tokenize(8)",))
+  check_vocab({"vocab_size": 257}, [task])  # bytes: 257 ids fit
+  with pytest.raises(ValueError, match=r"task 't': its tokenizer has 257 ids but "
+                                       r"config.model.vocab_size=100; set --config.model.vocab"):
+    check_vocab({"vocab_size": 100}, [task])
 
 
 class NanAfter:

@@ -103,3 +103,25 @@ class Caption(Transform):
         template = self.templates[int(rng.integers(len(self.templates))) if self.training else 0]
         name = self.class_names[label]
         return {**example, self.key: template.replace("{name}", "{}").format(name)}
+
+
+def prompt_ids(calls, prompts, key: str = "text") -> tuple[tuple[int, ...], ...]:
+    """Token ids of `prompts` as the task's own `tokenize(key=...)` step makes them
+    (unpadded, truncated to its length); () when the transforms tokenize no `key`."""
+    from moe_jax.data.transforms.base import Pipeline  # noqa: PLC0415 (import cycle)
+
+    steps = [t for t in Pipeline(calls, training=False).steps
+             if isinstance(t, Tokenize) and t.key == key]
+    if not steps:
+        return ()
+    return tuple(tuple(int(i) for i in steps[-1].encode(p)[:steps[-1].length]) for p in prompts)
+
+
+def vocab_needed(calls) -> int:
+    """The embedding size the tokenize steps of `calls` need (0 when none tokenizes)."""
+    from moe_jax.data.transforms.base import Pipeline  # noqa: PLC0415 (import cycle)
+
+    sizes = [ByteTokenizer.vocab_size if t.tokenizer == "bytes" else
+             load_tokenizer(t.tokenizer).get_vocab_size()
+             for t in Pipeline(calls, training=False).steps if isinstance(t, Tokenize)]
+    return max(sizes, default=0)
