@@ -67,7 +67,8 @@ def _iterator(task: agd.Task, spec: str, seed: int, train: bool,
   source = make_source(spec, **dict(task.source_args))
   calls = task.transforms if train or task.eval_transforms is None else task.eval_transforms
   class_names = task.class_names or tuple(getattr(source, "class_names", ()) or ())
-  transform = Pipeline(calls, training=train, class_names=class_names) if calls else None
+  # Even with no transforms: the pipeline drops string features the model cannot take.
+  transform = Pipeline(calls, training=train, class_names=class_names)
   batch_size = task.batch_size if train else task.eval_batch_size or task.batch_size
   if train and len(source) < batch_size:
     raise ValueError(f"task {task.name!r}: source {spec!r} has {len(source)} examples, fewer "

@@ -624,3 +624,15 @@ def test_feature_errors():
     for spec in ("keep", "drop()", "keep(3)", "rename", "rename(a=1)"):
         with pytest.raises(ValueError, match="give"):
             split_spec(spec)
+
+
+def test_a_missing_image_decoder_is_one_line(monkeypatch):
+    import sys
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(png, format="PNG")
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as in a venv without Pillow
+    with pytest.raises(TransformError) as e:
+        _run("decode_image", {"image": png.getvalue()})
+    message = str(e.value)
+    assert "needs Pillow: pip install pillow" in message and "\n" not in message
