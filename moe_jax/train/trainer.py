@@ -263,7 +263,8 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
         writer.scalars(done, {f"eval/{t}/{k}": v for t, m in results.items() for k, v in m.items()})
         for t, m in results.items():
           _say(f"  eval {t} @ {done}: " + " ".join(
-              f"{k}={v:.3f}" for k, v in m.items() if not k.startswith("moe/")))
+              f"{k}={v}" if isinstance(v, int) else f"{k}={v:.3f}"  # counts stay integers
+              for k, v in m.items() if not k.startswith("moe/")))
     drain()
   finally:
     writer.flush()
