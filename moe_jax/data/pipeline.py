@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from moe_jax.data.transforms.base import TransformError
 from moe_jax.tasks import VALID  # per-example mask of eval batches: False on the fill
 
 Example = dict[str, np.ndarray]
@@ -40,7 +41,7 @@ class BatchIterator:
                  process_index: int = 0, process_count: int = 1, name: str = "batch",
                  num_workers: int = 0, num_threads: int = 0, prefetch: int = 2):
         if batch_size < 1 or batch_size % process_count:
-            raise ValueError(f"batch_size={batch_size} must be >= 1 and divisible by "
+            raise ValueError(f"{name}: batch_size={batch_size} must be >= 1 and divisible by "
                              f"process_count={process_count}")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
@@ -78,13 +79,15 @@ class BatchIterator:
 
     # --- pure access -------------------------------------------------------------------
     def _order(self, epoch: int) -> np.ndarray:
-        if self._order_cache is None or self._order_cache[0] != epoch:
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-            else:
-                order = np.arange(self.num_examples)
-            self._order_cache = (epoch, order)
-        return self._order_cache[1]
+        cached = self._order_cache  # one read: grain threads may replace it meanwhile
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+        else:
+            order = np.arange(self.num_examples)
+        self._order_cache = (epoch, order)
+        return order
 
     def batch_at(self, position: int) -> Example:
         """The batch number `position` of the stream (pure: does not move the iterator)."""
@@ -102,8 +105,8 @@ class BatchIterator:
                 rng = np.random.default_rng([self.seed, epoch * n + int(j)])
                 try:
                     example = self.transform(example, rng)
-                except ValueError as e:  # TransformError and friends: say whose example
-                    raise type(e)(f"{self.name}, example {int(order[j])}: {e}") from e
+                except (ValueError, ImportError) as e:  # say whose example, in one line
+                    raise TransformError(f"{self.name}, example {int(order[j])}: {e}") from e
             examples.append(example)
         batch = {k: self._stack(k, [ex[k] for ex in examples]) for k in examples[0]}
         if not self.drop_remainder:
@@ -157,5 +160,7 @@ class BatchIterator:
         return self.batches(first, first + self.batches_per_epoch)
 
     def close(self) -> None:
-        """Stops worker processes (if any); iteration restarts where it was."""
-        self._stream = None
+        """Stops loader threads and worker processes (if any); iteration restarts where it was."""
+        stream, self._stream = self._stream, None
+        if hasattr(stream, "close"):
+            stream.close()

@@ -95,8 +95,9 @@ def check_mesh_fits(mesh: Mesh, num_experts: int | None, batch_sizes: Mapping[st
   for name, b in batch_sizes.items():
     if b % shards:
       axes = " x ".join(f"{a}={mesh.shape[a]}" for a in ("data", "fsdp", "expert"))
-      raise ValueError(f"task {name!r}: batch_size={b} is not divisible by the {shards} batch "
-                       f"shards of mesh {axes}")
+      what = "eval_batch_size" if name.endswith(" (eval)") else "batch_size"
+      raise ValueError(f"task {name.removesuffix(' (eval)')!r}: {what}={b} is not divisible by "
+                       f"the {shards} batch shards of mesh {axes}")
 
 
 def global_batch(mesh: Mesh, local_batch: Any, rules: Rules = DEFAULT_RULES) -> Any:

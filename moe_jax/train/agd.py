@@ -130,7 +130,7 @@ def tasks_from_config(tasks_cfg: Mapping[str, Mapping[str, Any]],
       if raw.get(key) is not None:  # checked now: unknown names fail before any data loads
         try:
           raw[key] = split_spec(raw[key])
-        except ValueError as e:
+        except (ValueError, ImportError) as e:
           raise ValueError(f"config.tasks.{name}.{key}: {e}") from None
     for key in ("drop_rates", "source_args"):
       if key in raw:  # hashable, since Task is a static jit argument

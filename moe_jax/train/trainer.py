@@ -160,7 +160,9 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   check_vocab(config.model, tasks)
   moe_cfg = config.model.get("moe")
   check_mesh_fits(mesh, MoEConfig(**moe_cfg).num_experts if moe_cfg else None,
-                  {t.name: t.batch_size for t in tasks}, rules)
+                  {t.name: t.batch_size for t in tasks}
+                  | {f"{t.name} (eval)": t.eval_batch_size or t.batch_size
+                     for t in tasks if t.eval_source}, rules)
   sampler = agd.TaskSampler(tasks, config.agd.get("sampler", "weighted"), seed)
   loader = dict(config.get("data", None) or {})
   train_iters = {t.name: _iterator(t, t.source, seed + 1000 * i, True, loader)

@@ -166,14 +166,19 @@ def test_checkpoint_written_on_one_mesh_restores_onto_others(tmp_path):
     (dict(data=1, expert=8), r"model.moe.num_experts=4 is not divisible by mesh.expert=8"),
     (dict(data=8, batch=12), r"task 'image_cls': batch_size=12 is not divisible by the 8 batch "
                              r"shards of mesh data=8 x fsdp=1 x expert=1"),
+    (dict(data=8, eval_batch=12), r"task 'image_cls': eval_batch_size=12 is not divisible by "
+                                  r"the 8 batch shards"),
     (dict(experts=8), r"unknown mesh axes \['experts'\]"),
 ])
 def test_bad_mesh_configs_fail_with_one_line_errors(tmp_path, overrides, message):
-  batch = overrides.pop("batch", None)
+  batch, eval_batch = overrides.pop("batch", None), overrides.pop("eval_batch", None)
   c = _one_task_config()
   c.mesh.update(overrides)
   if batch:
     c.tasks.image_cls.batch_size = batch
+  if eval_batch:  # fails before training, not at the first eval
+    c.tasks.image_cls.eval_source = "digits_image:test"
+    c.tasks.image_cls.eval_batch_size = eval_batch
   with pytest.raises(ValueError, match=message):
     train_and_evaluate(c, str(tmp_path))
 
