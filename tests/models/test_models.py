@@ -240,6 +240,15 @@ def test_imp_eval_fill_changes_nothing_for_the_real_examples():
       np.testing.assert_allclose(m_fill[k], m_real[k], rtol=1e-5, err_msg=k)
 
 
+def test_imp_says_a_waveform_needs_log_mel():
+  model = models.build_model(IMP)
+  task = Task("snd", "classify", "x", modalities=("audio",), num_classes=3)
+  with pytest.raises(ValueError, match=r"task 'snd': audio must be a spectrogram \[batch, "
+                                       r"frames, mels\], got shape \(2, 4000\); .*log_mel"):
+    model.init(jax.random.key(0), {"audio": jnp.ones((2, 4000)), "label": jnp.zeros(2, int)},
+               task=task)
+
+
 def test_imp_reports_missing_modality():
   model = models.build_model(IMP)
   task = Task("vid", "classify", "x", modalities=("video",), num_classes=3)
