@@ -4,7 +4,10 @@ r"""Main job: train a config with AGD, e.g.
   python -m experiments.train --config=experiments/configs/imp_tiny.py:smoke \
       --config.model.moe.num_experts=16 --workdir=/tmp/imp_smoke
 
-Bad flags, config keys, data or workdirs end the run with a one-line error.
+Bad flags, config keys, data or workdirs end the run with a one-line error (exit 1).
+SIGTERM (preemption) or Ctrl-C: the current step finishes and is saved, one line says so,
+exit 143 (SIGTERM) or 130 (SIGINT); run the same command to resume. A second Ctrl-C
+exits at once (130), leaving the last committed checkpoint.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from ml_collections import config_flags
 
 from moe_jax.config_errors import explain_override_error
 from moe_jax.train import TrainingError, train_and_evaluate
+from moe_jax.train.preemption import Interrupted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)
@@ -36,6 +40,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except Interrupted as e:  # SIGTERM / Ctrl-C: the step was saved
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # a second Ctrl-C while stopping
+    print("interrupted again: exited at once without saving; a rerun resumes from the last "
+          "committed checkpoint (if any)", file=sys.stderr, flush=True)
+    sys.exit(130)
   except (ValueError, TrainingError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 

@@ -22,6 +22,11 @@ def _is_number(value: Any) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def is_number(value: Any) -> bool:
+  """Python and numpy reals, never bools (public for callers' own range checks)."""
+  return _is_number(value)
+
+
 def check_choice(field: str, value: Any, allowed: Iterable[str]) -> None:
   allowed = tuple(allowed)
   if value not in allowed:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax import models
+from moe_jax import validation as V
 from moe_jax.train import agd
 from moe_jax.train.checkpoint import Checkpointer
 from moe_jax.config import MoEConfig
@@ -31,6 +32,7 @@ from moe_jax.train.metrics import (Averager, LoadWindow, Progress, SummaryWriter
 from moe_jax.parallel.partitioning import check_mesh_fits, global_batch, mesh_from_config
 from moe_jax.parallel.sharding import DEFAULT_RULES, initialize_distributed
 from moe_jax.tasks import VALID
+from moe_jax.train.preemption import Interrupted, StopRequests
 from moe_jax.train.step import (MixedTasks, init_train_state, make_eval_step, make_optimizer,
                                 make_train_step, pin_state_sharding)
 
@@ -81,6 +83,24 @@ def _iterator(task: agd.Task, spec: str, seed: int, train: bool,
                        name=f"task {task.name!r} ({'train' if train else 'eval'} {spec})",
                        num_workers=workers, num_threads=int(loader.get("num_threads", 1)),
                        prefetch=int(loader.get("prefetch", 2)))
+
+
+def check_train_config(config) -> None:
+  """One-line errors for optimizer and train fields that would train wrongly or crash late
+  (a negative learning rate ascends, num_steps <= 0 "finishes" at once, *_every=0 divides
+  by zero after compiling)."""
+  opt, tcfg = config.optimizer, config.train
+  V.check_positive("optimizer.learning_rate", opt.get("learning_rate"))
+  V.check_int_range("optimizer.warmup_steps", opt.get("warmup_steps", 0), lo=0)
+  for key in ("weight_decay", "end_lr_factor"):
+    if key in opt and not (V.is_number(opt[key]) and opt[key] >= 0):
+      raise ValueError(f"optimizer.{key}={opt[key]!r} must be a number >= 0")
+  if "grad_clip_norm" in opt:
+    V.check_positive("optimizer.grad_clip_norm", opt["grad_clip_norm"])
+  V.check_int_range("train.num_steps", tcfg.get("num_steps"), lo=1)
+  for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    V.check_int_range(f"train.{key}", tcfg.get(key), lo=1)
+  V.check_int_range("train.eval_batches", tcfg.get("eval_batches", 0), lo=0)
 
 
 def check_vocab(model_cfg: Mapping[str, Any], tasks) -> None:
@@ -141,6 +161,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   batches out over devices; on multi-process launches every process runs this with
   the same config and reads its own share of each batch.
   """
+  check_train_config(config)  # before any device work
   initialize_distributed()
   mesh = mesh_from_config(config.get("mesh"))
   with jax.set_mesh(mesh):  # MoE layers read the expert axis from the mesh in context
@@ -226,7 +247,9 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     _finite_or_raise(step, name, host, last_checkpoint)
     averager.add("train" if mode == "mixed" else f"train/{name}", host)
 
+  stops = StopRequests()
   try:
+    stops.__enter__()
     for step in range(start, num_steps):
       if mode == "mixed":
         name, batch, task = "mixed", {t.name: next(train_iters[t.name]) for t in tasks}, mixed
@@ -259,6 +282,13 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
         drain()
         ckpt.save(done, state, {n: it.get_state() for n, it in train_iters.items()})
         last_checkpoint = done
+      stop = stops.requested(done)
+      if stop:  # preemption or Ctrl-C: save this step (waiting for the write), then leave
+        drain()
+        if last_checkpoint != done:
+          ckpt.save(done, state, {n: it.get_state() for n, it in train_iters.items()})
+          last_checkpoint = done
+        raise Interrupted(stop, done, saved=True)
       if eval_iters and (done % eval_every == 0 or done == num_steps):
         results = evaluate(eval_step, state.variables(), tasks, eval_iters, eval_batches, put)
         final = results if done == num_steps else None
@@ -269,6 +299,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
               for k, v in m.items() if not k.startswith("moe/")))
     drain()
   finally:
+    stops.__exit__()
     writer.flush()
     writer.close()
     ckpt.close()

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -236,6 +237,106 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
   eval_a = json.loads((whole / "summary.json").read_text())["eval"]
   eval_b = json.loads((parts / "summary.json").read_text())["eval"]
   assert eval_a == eval_b
+
+
+def _start(args, workdir, env):
+  return subprocess.Popen([sys.executable, "-m", "experiments.train", *args,
+                           f"--workdir={workdir}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_line(proc, prefix, timeout=300):
+  """Reads the child's stdout until a line starts with `prefix` (the run is mid-way)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    if not line:
+      break
+    if line.startswith(prefix):
+      return line
+  raise AssertionError(f"no line starting with {prefix!r}")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_save_the_step_and_resume_exactly(tmp_path, sig, code):
+  """Preemption (SIGTERM) or Ctrl-C between checkpoints: the step in flight is saved, one
+  line says so, the exit code says which signal; the rerun resumes from that step and ends
+  with the parameters of an uninterrupted run."""
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  n = 100  # the schedule depends on num_steps: every run trains the same 100
+  args = ["--config=experiments/configs/lm_tiny.py:smoke", f"--config.train.num_steps={n}",
+          "--config.train.checkpoint_every=1000", "--config.train.eval_every=1000",
+          "--config.train.log_every=2"]
+  parts = tmp_path / "parts"
+  proc = _start(args, parts, env)
+  _wait_for_line(proc, f"step 4/{n}")  # past compiling, long before the first checkpoint
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == code, err[-2000:]
+  last = err.strip().splitlines()[-1]
+  match = re.fullmatch(rf"stopped by {sig.name} after step (\d+): checkpoint \1 saved; run the "
+                       r"same command to resume", last)
+  assert match, last
+  step = int(match.group(1))
+  assert 4 <= step < n and "Traceback" not in err
+  assert sorted(os.listdir(parts / "checkpoints")) == [str(step)]  # no temporary directory left
+  rerun = _cli(*args, f"--workdir={parts}", env=env)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert f"resumed from {parts}/checkpoints at step {step}" in rerun.stdout
+  whole = tmp_path / "whole"
+  assert _cli(*args, f"--workdir={whole}", env=env).returncode == 0
+  a = dict(_flatten(_final_params(whole, n)))
+  b = dict(_flatten(_final_params(parts, n)))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_a_second_ctrl_c_exits_at_once_in_one_line(tmp_path):
+  args = ["--config=experiments/configs/lm_tiny.py:smoke", "--config.train.num_steps=300",
+          "--config.train.checkpoint_every=1000", "--config.train.eval_every=1000",
+          "--config.train.log_every=2"]
+  proc = _start(args, tmp_path / "run", os.environ)
+  _wait_for_line(proc, "step 4/300")
+  proc.send_signal(signal.SIGINT)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130
+  assert err.strip().splitlines() == [
+      "interrupted again: exited at once without saving; a rerun resumes from the last "
+      "committed checkpoint (if any)"]
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("optimizer", "learning_rate", -1e-3, r"optimizer.learning_rate=-0.001 must be a number > 0"),
+    ("optimizer", "warmup_steps", -1, r"optimizer.warmup_steps=-1 is out of range"),
+    ("optimizer", "weight_decay", -0.1, r"optimizer.weight_decay=-0.1 must be a number >= 0"),
+    ("train", "num_steps", 0, r"train.num_steps=0 is out of range; allowed: 1 <= "),
+    ("train", "num_steps", -5, r"train.num_steps=-5 is out of range"),
+    ("train", "eval_every", 0, r"train.eval_every=0 is out of range"),
+    ("train", "log_every", 0, r"train.log_every=0 is out of range"),
+    ("train", "checkpoint_every", 0, r"train.checkpoint_every=0 is out of range"),
+    ("train", "eval_batches", -1, r"train.eval_batches=-1 is out of range"),
+])
+def test_bad_optimizer_and_train_fields_fail_before_device_work(tmp_path, section, key, value,
+                                                                 message):
+  c = lm_tiny.get_config("smoke")
+  c[section][key] = value
+  with pytest.raises(ValueError, match=message):
+    train_and_evaluate(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")  # nothing was built or written
+
+
+def test_every_shipped_config_and_variant_passes_the_train_checks():
+  from experiments.configs import lm_tiny_dense, tfds_imp
+  from moe_jax.train.trainer import check_train_config
+  variants = {imp_tiny: [None, "smoke", "mixed", "task_routed", "task_routed_smoke"],
+              lm_tiny: [None, "smoke", "deepseek"], lm_tiny_dense: [None]}
+  for module, args in variants.items():
+    for arg in args:
+      check_train_config(module.get_config(arg))
+  check_train_config(tfds_imp.get_config("image=x,audio=y,text=z"))
 
 
 def _flatten(tree, prefix=""):
