@@ -97,15 +97,22 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Steps per second and ETA over the last logging interval."""
+  """Steps per second and ETA over the last logging interval, from step time only:
+  time spent compiling or evaluating is `exclude`d, so the first ETA is not inflated by
+  compiles and the ETA does not jump after each eval."""
 
   def __init__(self, start_step: int, total_steps: int):
     self.total = total_steps
     self._t, self._step = time.perf_counter(), start_step
+    self._excluded = 0.0
+
+  def exclude(self, seconds: float) -> None:
+    """Time inside the current interval that was not training steps."""
+    self._excluded += seconds
 
   def update(self, step: int) -> tuple[float, str]:
     now = time.perf_counter()
-    rate = (step - self._step) / max(now - self._t, 1e-9)
-    self._t, self._step = now, step
+    rate = (step - self._step) / max(now - self._t - self._excluded, 1e-9)
+    self._t, self._step, self._excluded = now, step, 0.0
     eta = (self.total - step) / rate if rate > 0 else float("inf")
     return rate, format_duration(eta)

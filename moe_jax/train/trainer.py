@@ -256,7 +256,14 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       else:
         task = sampler.task_at(step)
         name, batch = task.name, next(train_iters[task.name])
+      first = task.name not in step_cache.compile_seconds
+      if first:
+        _say(f"task {task.name}: compiling (first step)")
       state, metrics = step_cache(state, put(batch), task)
+      if first:
+        seconds = step_cache.compile_seconds[task.name]
+        progress.exclude(seconds)
+        _say(f"task {task.name}: compiled and ran its first step in {seconds:.1f} s")
       drain()  # the previous step's metrics; this step is already queued
       pending = (step + 1, name, metrics)
       done = step + 1
@@ -290,13 +297,19 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
           last_checkpoint = done
         raise Interrupted(stop, done, saved=True)
       if eval_iters and (done % eval_every == 0 or done == num_steps):
+        t_eval = time.perf_counter()
+        _say(f"eval at step {done}: {len(eval_iters)} task(s), "
+             f"{'whole splits' if not eval_batches else f'up to {eval_batches} batches each'}")
         results = evaluate(eval_step, state.variables(), tasks, eval_iters, eval_batches, put)
+        eval_seconds = time.perf_counter() - t_eval
+        progress.exclude(eval_seconds)
         final = results if done == num_steps else None
         writer.scalars(done, {f"eval/{t}/{k}": v for t, m in results.items() for k, v in m.items()})
         for t, m in results.items():
           _say(f"  eval {t} @ {done}: " + " ".join(
               f"{k}={v}" if isinstance(v, int) else f"{k}={v:.3f}"  # counts stay integers
               for k, v in m.items() if not k.startswith("moe/")))
+        _say(f"eval at step {done} done in {format_duration(eval_seconds)}")
     drain()
   finally:
     stops.__exit__()

@@ -339,6 +339,34 @@ def test_every_shipped_config_and_variant_passes_the_train_checks():
   check_train_config(tfds_imp.get_config("image=x,audio=y,text=z"))
 
 
+def test_progress_rate_and_eta_leave_out_excluded_time(monkeypatch):
+  from moe_jax.train import metrics
+  clock = iter([100.0, 130.0, 150.0])  # created at 100; updates at 130 and 150
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+  progress = metrics.Progress(0, 110)
+  progress.exclude(20.0)  # e.g. compiling: 10 steps took 30 s of which 20 s compiling
+  rate, eta = progress.update(10)
+  assert rate == pytest.approx(1.0) and eta == "1m40s"  # 100 steps left at 1 step/s
+  rate, eta = progress.update(30)  # nothing excluded: 20 steps in 20 s
+  assert rate == pytest.approx(1.0) and eta == "1m20s"
+
+
+def test_console_says_when_each_task_compiles_and_when_eval_runs(tmp_path, capsys):
+  c = lm_tiny.get_config("smoke")
+  c.train.update(num_steps=4, log_every=2, eval_every=4, checkpoint_every=4, tensorboard=False)
+  train_and_evaluate(c, str(tmp_path))
+  lines = capsys.readouterr().out.splitlines()
+  order = [next(i for i, line in enumerate(lines) if line.startswith(prefix)) for prefix in (
+      "task stdlib_lm: compiling (first step)",
+      "task stdlib_lm: compiled and ran its first step in ",
+      "step 2/4 ",
+      "eval at step 4: 1 task(s), up to 1 batches each",
+      "  eval stdlib_lm @ 4: ",
+      "eval at step 4 done in ")]
+  assert order == sorted(order)
+  assert sum(line.startswith("task stdlib_lm: compiling") for line in lines) == 1
+
+
 def _flatten(tree, prefix=""):
   for k, v in tree.items():
     if isinstance(v, dict):
