@@ -64,7 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      end_lr_factor=0.05)
   c.train = dict(num_steps=2000, log_every=100, eval_every=1000, checkpoint_every=500,
                  keep_checkpoints=2, eval_batches=0, tensorboard=True,  # 0: whole split
-                 moe_telemetry=True)  # per layer, per expert loads every log step
+                 moe_telemetry=True,  # per layer, per expert loads every log step
+                 on_recompile="error",  # a task compiling twice stops the run ("warn": go on)
+                 on_config_change="warn")  # resuming with other config values ("error": stop)
 
   if arg == "smoke":
     c.model["num_layers"] = 2

@@ -54,7 +54,9 @@ def get_config(arg: str | None = None, moe: bool = True) -> ml_collections.Confi
                      end_lr_factor=0.1)
   c.train = dict(num_steps=800, log_every=100, eval_every=400, checkpoint_every=400,
                  keep_checkpoints=2, eval_batches=20, tensorboard=True,
-                 moe_telemetry=True)  # per layer, per expert loads every log step
+                 moe_telemetry=True,  # per layer, per expert loads every log step
+                 on_recompile="error",  # a task compiling twice stops the run ("warn": go on)
+                 on_config_change="warn")  # resuming with other config values ("error": stop)
   if arg == "smoke":
     c.model["num_layers"] = 2
     c.train.update(num_steps=6, log_every=3, eval_every=6, checkpoint_every=3, eval_batches=1)

@@ -60,11 +60,17 @@ class LoadWindow:
 class SummaryWriter:
   """TensorBoard scalars (tensorboardX: no TensorFlow needed); a no-op when disabled."""
 
-  def __init__(self, logdir: str | None):
+  def __init__(self, logdir: str | None, purge_step: int | None = None):
+    """purge_step: a resumed run's first step; TensorBoard then hides the earlier
+    segments' points from that step on (steps re-run after the last checkpoint)."""
     self._writer = None
     if logdir:
       from tensorboardX import SummaryWriter as TBWriter  # pylint: disable=import-outside-toplevel
-      self._writer = TBWriter(logdir, flush_secs=10)
+      self._writer = TBWriter(logdir, flush_secs=10, purge_step=purge_step)
+
+  def text(self, tag: str, text: str) -> None:
+    if self._writer is not None:
+      self._writer.add_text(tag, text, 0)
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if self._writer is None:

@@ -43,12 +43,17 @@ def _variables(params, router_state) -> dict[str, Any]:
   return {"params": params, **({ROUTER_STATE: router_state} if router_state else {})}
 
 
-def make_optimizer(opt_cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warmup + cosine decay, global-norm clipping, no decay on vectors."""
-  schedule = optax.warmup_cosine_decay_schedule(
+def make_schedule(opt_cfg: Mapping[str, Any], num_steps: int) -> optax.Schedule:
+  """Learning rate per step: linear warmup, then cosine decay to end_lr_factor x peak."""
+  return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=opt_cfg["learning_rate"], warmup_steps=opt_cfg["warmup_steps"],
       decay_steps=max(num_steps, opt_cfg["warmup_steps"] + 1),
       end_value=opt_cfg["learning_rate"] * opt_cfg.get("end_lr_factor", 0.0))
+
+
+def make_optimizer(opt_cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warmup + cosine decay, global-norm clipping, no decay on vectors."""
+  schedule = make_schedule(opt_cfg, num_steps)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(
       optax.clip_by_global_norm(opt_cfg["grad_clip_norm"]),

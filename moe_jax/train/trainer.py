@@ -33,7 +33,9 @@ from moe_jax.parallel.partitioning import check_mesh_fits, global_batch, mesh_fr
 from moe_jax.parallel.sharding import DEFAULT_RULES, initialize_distributed
 from moe_jax.tasks import VALID
 from moe_jax.train.preemption import Interrupted, StopRequests
+from moe_jax.train import run_record
 from moe_jax.train.step import (MixedTasks, init_train_state, make_eval_step, make_optimizer,
+                                make_schedule,
                                 make_train_step, pin_state_sharding)
 
 log = logging.getLogger("moe_jax.train")
@@ -209,7 +211,13 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tcfg.keep_checkpoints))
   start = ckpt.latest_step() or 0
+  changes = run_record.record_config(workdir, config, bool(start),
+                                     str(tcfg.get("on_config_change", "warn")))
+  if changes:
+    _say(f"warning: resuming with {len(changes)} changed config field(s): "
+         + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else ""))
   if start:  # restored straight into this mesh's layout, whatever mesh wrote it
+    run_record.check_restorable(os.path.join(ckpt.directory, str(start)), state)
     state, data_state = ckpt.restore(start, state)
     for name, it in train_iters.items():
       it.set_state(data_state[name])
@@ -224,7 +232,10 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
                              on_recompile=str(tcfg.get("on_recompile", "error")))
   eval_step = make_eval_step(model)
   lead = jax.process_index() == 0  # writes events and summary.json
-  writer = SummaryWriter(workdir if tcfg.get("tensorboard", True) and lead else None)
+  writer = SummaryWriter(workdir if tcfg.get("tensorboard", True) and lead else None,
+                         purge_step=start + 1 if start else None)
+  writer.text("config", "```\n" + json.dumps(run_record.config_dict(config), indent=1) + "\n```")
+  schedule = make_schedule(config.optimizer, num_steps)
   averager, progress, loads = Averager(), Progress(start, num_steps), LoadWindow()
   log_every, eval_every = int(tcfg.log_every), int(tcfg.eval_every)
   ckpt_every, eval_batches = int(tcfg.checkpoint_every), int(tcfg.get("eval_batches", 0))
@@ -246,6 +257,19 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     host = {k: float(v) for k, v in host.items() if np.ndim(v) == 0}
     _finite_or_raise(step, name, host, last_checkpoint)
     averager.add("train" if mode == "mixed" else f"train/{name}", host)
+
+  def write_segment(status: str, end_step: int) -> dict[str, Any]:
+    wall = time.perf_counter() - t_start
+    segment = {"start_step": start, "end_step": end_step, "status": status, "wall_time_s": wall,
+               "compile_seconds": dict(step_cache.compile_seconds),
+               "compiles": dict(step_cache.compiles), "train_history": history,
+               "config": run_record.config_dict(config), "code_version": run_record.code_version(),
+               "packages": run_record.package_versions()}
+    latest = {"final_step": end_step, "resumed_from": start or None, "mode": mode, "eval": final,
+              "compile_seconds": step_cache.compile_seconds, "compiles": step_cache.compiles,
+              "wall_time_s": wall, "parameters": n_params, "mesh": dict(mesh.shape),
+              "train_history": history}
+    return run_record.write_summary(workdir, segment, latest)
 
   stops = StopRequests()
   try:
@@ -273,7 +297,8 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
         means = averager.pop()
         load_stats, load_vectors = loads.pop()
         load_stats = {f"moe_layers/{k}": v for k, v in load_stats.items()}
-        writer.scalars(done, {**means, **load_stats, "train/steps_per_second": rate})
+        writer.scalars(done, {**means, **load_stats, "train/steps_per_second": rate,
+                              "train/learning_rate": float(schedule(done))})
         for layer, load in load_vectors.items():
           writer.histogram(done, f"moe_layers/{layer}/expert_load", load)
         losses_str = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in sorted(means.items())
@@ -295,6 +320,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
         if last_checkpoint != done:
           ckpt.save(done, state, {n: it.get_state() for n, it in train_iters.items()})
           last_checkpoint = done
+        write_segment(f"stopped by {stop}", done)
         raise Interrupted(stop, done, saved=True)
       if eval_iters and (done % eval_every == 0 or done == num_steps):
         t_eval = time.perf_counter()
@@ -321,15 +347,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
 
   if final is None:  # e.g. resumed from the final checkpoint: nothing ran
     final = evaluate(eval_step, state.variables(), tasks, eval_iters, eval_batches, put)
-  summary = {
-      "final_step": num_steps, "resumed_from": start or None, "mode": mode,
-      "eval": final, "compile_seconds": step_cache.compile_seconds,
-      "compiles": step_cache.compiles, "wall_time_s": time.perf_counter() - t_start,
-      "parameters": n_params, "mesh": dict(mesh.shape), "train_history": history,
-  }
-  if lead:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=1)
+  summary = write_segment("finished", num_steps)
   _say(f"done in {format_duration(summary['wall_time_s'])}; compile seconds per task: "
        + ", ".join(f"{k}={v:.1f}" for k, v in step_cache.compile_seconds.items()))
   return summary

@@ -291,19 +291,64 @@ def test_sigterm_and_ctrl_c_save_the_step_and_resume_exactly(tmp_path, sig, code
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # summary.json keeps both segments; TensorBoard is told to drop re-run steps.
+  summary = json.loads((parts / "summary.json").read_text())
+  assert [(s["start_step"], s["end_step"], s["status"]) for s in summary["segments"]] == [
+      (0, step, f"stopped by {sig.name}"), (step, n, "finished")]
+  last = summary["segments"][-1]
+  assert last["config"]["train"]["num_steps"] == n and "jax" in last["packages"]
+  assert summary["resumed_from"] == step and summary["final_step"] == n
+  assert step + 1 in _purge_steps(parts)
 
 
-def test_a_second_ctrl_c_exits_at_once_in_one_line(tmp_path):
-  args = ["--config=experiments/configs/lm_tiny.py:smoke", "--config.train.num_steps=300",
-          "--config.train.checkpoint_every=1000", "--config.train.eval_every=1000",
-          "--config.train.log_every=2"]
-  proc = _start(args, tmp_path / "run", os.environ)
-  _wait_for_line(proc, "step 4/300")
-  proc.send_signal(signal.SIGINT)
-  proc.send_signal(signal.SIGINT)
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 130
-  assert err.strip().splitlines() == [
+def _events(path):
+  """(step, event) of a TensorBoard event file: TFRecord framing around Event protos."""
+  from tensorboardX.proto import event_pb2
+  data = open(path, "rb").read()
+  out, i = [], 0
+  while i + 12 <= len(data):
+    (length,) = np.frombuffer(data[i:i + 8], "<u8")
+    event = event_pb2.Event.FromString(data[i + 12:i + 12 + int(length)])
+    out.append(event)
+    i += 12 + int(length) + 4
+  return out
+
+
+def _purge_steps(workdir):
+  """Steps of the SessionLog START events (TensorBoard hides earlier points from there)."""
+  from tensorboardX.proto import event_pb2
+  steps = []
+  for path in glob.glob(str(workdir / "events.out.tfevents.*")):
+    steps += [e.step for e in _events(path)
+              if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START]
+  return steps
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_cli_says_so_in_one_line(monkeypatch, capsys):
+  """Signals to this very process (deterministic; POSIX merges two signals sent to a busy
+  child at once), then the CLI's handling of the resulting KeyboardInterrupt."""
+  from experiments import train as cli
+  from moe_jax.train.preemption import StopRequests
+  with StopRequests() as stops:
+    assert stops.requested(0) is None
+    os.kill(os.getpid(), signal.SIGINT)  # first Ctrl-C: a request, no exception
+    time.sleep(0.01)
+    assert stops.requested(1) == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)  # second: at once
+      time.sleep(0.01)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+  def interrupted_again(config, workdir):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(cli, "train_and_evaluate", interrupted_again)
+  for holder in ("_CONFIG", "_WORKDIR"):  # flags unparsed in pytest
+    monkeypatch.setattr(cli, holder, __import__("types").SimpleNamespace(value=None))
+  with pytest.raises(SystemExit) as e:
+    cli.main(["train"])
+  assert e.value.code == 130
+  assert capsys.readouterr().err.strip().splitlines() == [
       "interrupted again: exited at once without saving; a rerun resumes from the last "
       "committed checkpoint (if any)"]
 
@@ -365,6 +410,33 @@ def test_console_says_when_each_task_compiles_and_when_eval_runs(tmp_path, capsy
       "eval at step 4 done in ")]
   assert order == sorted(order)
   assert sum(line.startswith("task stdlib_lm: compiling") for line in lines) == 1
+
+
+def test_resume_names_a_changed_parameter_shape_and_lists_changed_fields(tmp_path, capsys):
+  c = lm_tiny.get_config("smoke")
+  c.train.update(num_steps=2, log_every=1, eval_every=2, checkpoint_every=2, tensorboard=False)
+  train_and_evaluate(c, str(tmp_path))
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["model"]["moe"]["num_experts"] == 8 and saved["train"]["num_steps"] == 2
+  capsys.readouterr()
+  # Another learning rate and more steps: trains on, saying what changed.
+  c.train.num_steps = 4
+  c.optimizer.learning_rate = 5 * c.optimizer.learning_rate
+  train_and_evaluate(c, str(tmp_path))
+  out = capsys.readouterr().out
+  assert "warning: resuming with 2 changed config field(s): optimizer.learning_rate: " in out
+  assert "train.num_steps: 2 -> 4" in out
+  # ...or stops, by config.
+  c.train.num_steps, c.train.on_config_change = 6, "error"
+  with pytest.raises(ValueError, match=r"resuming .* with a changed config \(2 field\(s\)\): "
+                                       r"train.num_steps: 4 -> 6"):
+    train_and_evaluate(c, str(tmp_path))
+  # Half the experts: one line naming the parameter and both shapes, not Orbax's error.
+  c.train.on_config_change = "warn"
+  c.model.moe.num_experts = 4
+  with pytest.raises(ValueError, match=r"checkpoint 4 does not fit this model: params/decoder/"
+                                       r"\S+ has shape \(8, 256, 128\) there and \(4, 256, 128\) now"):
+    train_and_evaluate(c, str(tmp_path))
 
 
 def _flatten(tree, prefix=""):

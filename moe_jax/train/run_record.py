@@ -1,0 +1,146 @@
+"""What a workdir remembers about its runs: the config, what changed on resume, segments.
+
+- `config.json`: the resolved config of the latest segment (written at start); on resume
+  the fields that differ from the previous segment's are listed (a warning, or an error
+  with `train.on_config_change="error"`).
+- `check_restorable`: a checkpoint whose parameter shapes differ from the model's is one
+  line naming the first differing parameter and both shapes (before Orbax tries).
+- `summary.json` keeps every segment of a resumed run (steps, wall time, compiles,
+  history) with the config, the code version (git) and the package versions.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Mapping
+from importlib import metadata
+from typing import Any
+
+import jax
+
+CONFIG_FILE, SUMMARY_FILE = "config.json", "summary.json"
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "grain",
+            "tensorflow-datasets", "moe_jax")
+
+
+def config_dict(config) -> dict[str, Any]:
+  """A JSON-able dict of an ml_collections config (or a mapping); tuples become lists."""
+  raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  return json.loads(json.dumps(raw, default=lambda o: repr(o)))
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(d, Mapping):
+    out = {}
+    for k, v in d.items():
+      out.update(_flat(v, f"{prefix}{k}."))
+    return out or {prefix[:-1]: {}}
+  return {prefix[:-1]: d}
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  """"key: old -> new" for every leaf field that differs (absent on one side included)."""
+  a, b = _flat(old), _flat(new)
+  return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+          for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")]
+
+
+def record_config(workdir: str, config, resuming: bool, on_change: str = "warn") -> list[str]:
+  """Writes config.json; when resuming, returns (or raises on) the changed fields."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  new = config_dict(config)
+  changes: list[str] = []
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      changes = config_changes(json.load(f), new)
+    if changes and on_change == "error":
+      raise ValueError(f"resuming {workdir} with a changed config ({len(changes)} field(s)): "
+                       + "; ".join(changes[:8]) + " (train.on_config_change=warn to go on)")
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(new, f, indent=1)
+  return changes
+
+
+def _path_str(path) -> str:
+  parts = []
+  for p in path:
+    parts.append(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))))
+  return "/".join(parts)
+
+
+def check_restorable(step_dir: str, state) -> None:
+  """One line when the checkpoint's params / router state do not fit `state`'s shapes."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  try:
+    tree = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata
+  except Exception:  # noqa: BLE001 -- unreadable metadata: let the restore itself report
+    return
+  stored = {_path_str(p): tuple(getattr(m, "shape", ()) or ())
+            for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  wanted = {_path_str(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(
+                {"params": state.params, "router_state": state.router_state})[0]}
+  step = os.path.basename(step_dir)
+  for key, shape in wanted.items():
+    if key not in stored:
+      raise ValueError(f"checkpoint {step} does not fit this model: it has no {key} (shape "
+                       f"{shape} now); resume with the config that wrote it (config.json) or "
+                       "use a new workdir")
+    if stored[key] != shape:
+      raise ValueError(f"checkpoint {step} does not fit this model: {key} has shape "
+                       f"{stored[key]} there and {shape} now; resume with the config that "
+                       "wrote it (config.json) or use a new workdir")
+  extra = sorted(k for k in stored if k.split("/")[0] in ("params", "router_state")
+                 and k not in wanted)
+  if extra:
+    raise ValueError(f"checkpoint {step} does not fit this model: it has {extra[0]} (and "
+                     f"{len(extra) - 1} more) that the model has not; resume with the config "
+                     "that wrote it (config.json) or use a new workdir")
+
+
+def code_version() -> str | None:
+  """The git commit of the checked-out package (with "+dirty" for local edits), if any."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                          text=True, timeout=10)
+    if head.returncode:
+      return None
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def package_versions() -> dict[str, str]:
+  out = {}
+  for name in PACKAGES:
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def write_summary(workdir: str, segment: dict[str, Any], latest: dict[str, Any]) -> dict:
+  """summary.json = `latest` (this segment's results) + every segment so far."""
+  path = os.path.join(workdir, SUMMARY_FILE)
+  segments: list[dict[str, Any]] = []
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        segments = list(json.load(f).get("segments", []))
+    except (OSError, ValueError):
+      logging.warning("%s is unreadable; starting its segment list again", path)
+  # A rerun from an earlier step replaces the segments it re-runs (their steps are redone).
+  segments = [s for s in segments if s.get("end_step", 0) <= segment["start_step"]]
+  summary = {**latest, "segments": segments + [segment]}
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(summary, f, indent=1)
+  return summary
