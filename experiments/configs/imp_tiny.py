@@ -66,7 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  keep_checkpoints=2, eval_batches=0, tensorboard=True,  # 0: whole split
                  moe_telemetry=True,  # per layer, per expert loads every log step
                  on_recompile="error",  # a task compiling twice stops the run ("warn": go on)
-                 on_config_change="warn")  # resuming with other config values ("error": stop)
+                 on_config_change="warn",  # resuming with other config values ("error": stop)
+                 nonfinite="abort",  # NaN/Inf loss or gradient: stop ("skip_step": skip it)
+                 max_consecutive_skips=10)  # skip_step: stop after this many in a row
 
   if arg == "smoke":
     c.model["num_layers"] = 2

@@ -113,11 +113,35 @@ def _split_microbatches(batch, n: int):
   return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
 
+NONFINITE_POLICIES = ("abort", "skip_step")
+GRAD_FINITE_PREFIX = "grad_finite/"  # per parameter group: 1.0 when every gradient is finite
+
+
+def _group(path) -> str:
+  """A parameter's group for non-finite reports: its first three path names."""
+  names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+  return "/".join(names[:3])
+
+
+def grad_finite_groups(grads) -> dict[str, jax.Array]:
+  """{GRAD_FINITE_PREFIX + group: 1.0 if every gradient of the group is finite else 0.0}."""
+  groups: dict[str, list[jax.Array]] = {}
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    groups.setdefault(_group(path), []).append(jnp.all(jnp.isfinite(g)))
+  return {GRAD_FINITE_PREFIX + k: jnp.all(jnp.stack(v)).astype(jnp.float32)
+          for k, v in groups.items()}
+
+
 def make_train_step(model, tx: optax.GradientTransformation, aux_loss_weight: float = 1.0,
-                    telemetry: bool = False):
+                    telemetry: bool = False, nonfinite: str = "abort"):
   """(state, batch, task) -> (state, metrics) for one AGD task.
 
   With `telemetry`, metrics also hold `layer_telemetry` (per layer, per expert).
+
+  Non-finite loss or gradients: metrics carry `grad_finite/<group>` flags so the trainer
+  can name the group; with `nonfinite="skip_step"` such a step leaves params, optimizer
+  and router state as they were (metric `skipped_step` = 1), with "abort" it applies the
+  update and the trainer stops before the state reaches a checkpoint.
 
   Router state (e.g. a balancing bias) goes into each forward pass and its updated
   value comes out with the gradients; microbatches and mixed-mode tasks see it in
@@ -160,11 +184,17 @@ def make_train_step(model, tx: optax.GradientTransformation, aux_loss_weight: fl
     (total, metrics), grads = jax.tree.map(lambda x: x / task.microbatches, sums)
     return (total, metrics), grads, router_state
 
-  def apply_grads(state: TrainState, grads, metrics, router_state):
+  def apply_grads(state: TrainState, grads, metrics, router_state, total):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-    metrics = {**metrics, "grad_norm": grad_norm}
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    metrics = {**metrics, "grad_norm": grad_norm, **grad_finite_groups(grads)}
+    if nonfinite == "skip_step":  # keep the old state where anything went non-finite
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+      router_state = keep(router_state, state.router_state)
+      metrics["skipped_step"] = 1.0 - finite.astype(jnp.float32)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          router_state=router_state), metrics
 
@@ -172,19 +202,20 @@ def make_train_step(model, tx: optax.GradientTransformation, aux_loss_weight: fl
     rng = jax.random.fold_in(state.rng, state.step)
     (total, metrics), grads, router_state = task_grads(state.params, state.router_state, batch,
                                                         task, rng)
-    return apply_grads(state, grads, {**metrics, "total_loss": total}, router_state)
+    return apply_grads(state, grads, {**metrics, "total_loss": total}, router_state, total)
 
   def mixed_step(state: TrainState, batches, tasks: "MixedTasks"):
     """Baseline: every task each step, losses (and so gradients) summed."""
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, metrics, router_state = None, {}, state.router_state
+    grads, metrics, router_state, totals = None, {}, state.router_state, 0.0
     for i, task in enumerate(tasks.tasks):
       (total, m), g, router_state = task_grads(state.params, router_state, batches[task.name],
                                                task, jax.random.fold_in(rng, i))
       grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
       metrics.update({f"{task.name}/{k}": v for k, v in m.items()})
       metrics[f"{task.name}/total_loss"] = total
-    return apply_grads(state, grads, metrics, router_state)
+      totals = totals + total
+    return apply_grads(state, grads, metrics, router_state, totals)
 
   return train_step, mixed_step
 

@@ -34,7 +34,8 @@ from moe_jax.parallel.sharding import DEFAULT_RULES, initialize_distributed
 from moe_jax.tasks import VALID
 from moe_jax.train.preemption import Interrupted, StopRequests
 from moe_jax.train import run_record
-from moe_jax.train.step import (MixedTasks, init_train_state, make_eval_step, make_optimizer,
+from moe_jax.train.step import (GRAD_FINITE_PREFIX, NONFINITE_POLICIES, MixedTasks,
+                                init_train_state, make_eval_step, make_optimizer,
                                 make_schedule,
                                 make_train_step, pin_state_sharding)
 
@@ -103,6 +104,8 @@ def check_train_config(config) -> None:
   for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     V.check_int_range(f"train.{key}", tcfg.get(key), lo=1)
   V.check_int_range("train.eval_batches", tcfg.get("eval_batches", 0), lo=0)
+  V.check_choice("train.nonfinite", tcfg.get("nonfinite", "abort"), NONFINITE_POLICIES)
+  V.check_int_range("train.max_consecutive_skips", tcfg.get("max_consecutive_skips", 10), lo=0)
 
 
 def check_vocab(model_cfg: Mapping[str, Any], tasks) -> None:
@@ -116,12 +119,27 @@ def check_vocab(model_cfg: Mapping[str, Any], tasks) -> None:
                          f"config.model.vocab_size={vocab}; set --config.model.vocab_size={need}")
 
 
+def nonfinite_report(metrics: Mapping[str, float]) -> str | None:
+  """What went non-finite in a step's metrics, naming the first gradient group; None if
+  nothing did."""
+  bad = {k: v for k, v in metrics.items()
+         if (k.endswith("loss") or k == "grad_norm") and not np.isfinite(v)}
+  groups = [k[len(GRAD_FINITE_PREFIX):] for k, v in metrics.items()
+            if k.startswith(GRAD_FINITE_PREFIX) and v < 1]
+  if not bad and not groups:
+    return None
+  what = ", ".join(f"{k}={v}" for k, v in bad.items()) or "gradients"
+  where = f"; first non-finite gradient group: {groups[0]} (of {len(groups)})" if groups else ""
+  return what + where
+
+
 def _finite_or_raise(step: int, task_name: str, metrics: Mapping[str, float],
                      last_checkpoint: int | None) -> None:
-  bad = {k: v for k, v in metrics.items() if k.endswith("loss") and not np.isfinite(v)}
-  if bad:
-    raise TrainingError(f"non-finite loss at step {step} (task {task_name}): {bad}; stopped. "
-                        f"The last good checkpoint (step {last_checkpoint}) is untouched")
+  report = nonfinite_report(metrics)
+  if report:
+    raise TrainingError(f"non-finite values at step {step} (task {task_name}): {report}; "
+                        f"stopped. The last good checkpoint (step {last_checkpoint}) is "
+                        "untouched")
 
 
 def evaluate(eval_step, variables, tasks, eval_iters, max_batches: int = 0,
@@ -225,8 +243,11 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   last_checkpoint = start or None
 
   telemetry = bool(tcfg.get("moe_telemetry", False))
+  nonfinite = str(tcfg.get("nonfinite", "abort"))
+  max_skips = int(tcfg.get("max_consecutive_skips", 10))
+  skips = {"total": 0, "in_a_row": 0}
   train_step, mixed_step = make_train_step(model, tx, float(config.get("aux_loss_weight", 1.0)),
-                                           telemetry=telemetry)
+                                           telemetry=telemetry, nonfinite=nonfinite)
   step_cache = agd.StepCache(pin_state_sharding(mixed_step if mode == "mixed" else train_step,
                                                 state_shardings),
                              on_recompile=str(tcfg.get("on_recompile", "error")))
@@ -255,7 +276,19 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     loads.add({k.split("/", 1)[-1].rsplit("/", 1)[0]: v for k, v in host.items()
                if k.endswith("/expert_load_E") and "moe_layers/" in k})
     host = {k: float(v) for k, v in host.items() if np.ndim(v) == 0}
+    if nonfinite == "skip_step" and host.get("skipped_step", 0.0) > 0:
+      skips["total"] += 1
+      skips["in_a_row"] += 1
+      if skips["in_a_row"] > max_skips:
+        raise TrainingError(f"{skips['in_a_row']} non-finite steps in a row up to step {step} "
+                            f"(task {name}, train.max_consecutive_skips={max_skips}): "
+                            f"{nonfinite_report(host)}; stopped. The last checkpoint (step "
+                            f"{last_checkpoint}) holds no skipped update")
+      _say(f"warning: step {step} (task {name}) skipped: {nonfinite_report(host)}")
+      return  # nothing of this step is averaged
+    skips["in_a_row"] = 0
     _finite_or_raise(step, name, host, last_checkpoint)
+    host = {k: v for k, v in host.items() if not k.startswith(GRAD_FINITE_PREFIX)}
     averager.add("train" if mode == "mixed" else f"train/{name}", host)
 
   def write_segment(status: str, end_step: int) -> dict[str, Any]:
@@ -265,6 +298,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
                "compiles": dict(step_cache.compiles), "train_history": history,
                "config": run_record.config_dict(config), "code_version": run_record.code_version(),
                "packages": run_record.package_versions()}
+    segment["skipped_steps"] = skips["total"]
     latest = {"final_step": end_step, "resumed_from": start or None, "mode": mode, "eval": final,
               "compile_seconds": step_cache.compile_seconds, "compiles": step_cache.compiles,
               "wall_time_s": wall, "parameters": n_params, "mesh": dict(mesh.shape),

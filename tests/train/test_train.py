@@ -157,11 +157,33 @@ def test_nan_loss_stops_with_step_and_task_and_keeps_checkpoint(tmp_path, monkey
   c.tasks.image_cls.source = "nan_digits:test"
   c.tasks.image_cls.eval_source = None
   c.tasks.image_cls.batch_size = 1
-  with pytest.raises(TrainingError, match=r"non-finite loss at step (\d+) \(task image_cls\)") as e:
+  with pytest.raises(TrainingError, match=r"non-finite values at step (\d+) \(task "
+                                          r"image_cls\)") as e:
     train_and_evaluate(c, str(tmp_path))
-  assert "non-finite loss at step 4 (task image_cls)" in str(e.value)
+  assert "non-finite values at step 4 (task image_cls): " in str(e.value)
+  assert " loss=nan," in str(e.value) and " grad_norm=nan," in str(e.value)
+  assert "first non-finite gradient group: " in str(e.value)
   assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [2, 3]  # keep 2
   assert "last good checkpoint (step 3) is untouched" in str(e.value)
+
+
+def test_skip_step_keeps_the_state_counts_skips_and_stops_after_too_many(tmp_path, monkeypatch):
+  monkeypatch.setitem(sources.SOURCES, "nan_digits", NanAfter)
+  monkeypatch.setattr(NanAfter, "reads", 0)
+  c = imp_config(("image_cls",), num_steps=10, log_every=1, eval_every=100, checkpoint_every=1,
+                 nonfinite="skip_step", max_consecutive_skips=2, keep_checkpoints=3)
+  c.tasks.image_cls.source = "nan_digits:test"
+  c.tasks.image_cls.eval_source = None
+  c.tasks.image_cls.batch_size = 1
+  # Steps 4, 5 skipped (every batch from the 5th read is NaN), the third in a row stops.
+  with pytest.raises(TrainingError, match=r"3 non-finite steps in a row up to step 6 \(task "
+                                          r"image_cls, train.max_consecutive_skips=2\)"):
+    train_and_evaluate(c, str(tmp_path))
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [3, 4, 5]
+  good, skipped = _final_state(tmp_path, 3), _final_state(tmp_path, 5)
+  for (k, x), (_, y) in zip(_flatten(good["params"]), _flatten(skipped["params"])):
+    np.testing.assert_array_equal(x, y, err_msg=k)  # skipped steps changed nothing
+  assert int(skipped["step"]) == 5  # ...but the step (data, rng) moved on
 
 
 def test_unwritable_workdir_is_one_clear_error(tmp_path):

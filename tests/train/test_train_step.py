@@ -3,10 +3,12 @@
 The resume, mesh and scan tests compare library paths with each other; these pin
 what those paths share (the gradient step and the optimizer) to hand-written math.
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from moe_jax import models
 from moe_jax.train.agd import Task
@@ -98,3 +100,38 @@ def test_optimizer_is_clipped_adamw_with_warmup_and_cosine_decay():
   for k in params:
     np.testing.assert_allclose(p[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
   assert not np.allclose(want["w"], params["w"])  # the steps did move the parameters
+
+
+class _SqrtAtZero(nn.Module):
+  """Loss sqrt(|w|) summed, w initialised to 0: finite loss, non-finite gradient."""
+
+  @nn.compact
+  def __call__(self, batch, *, task, deterministic=True, zero_shot=False):
+    w = self.param("w", nn.initializers.zeros, (3,))
+    v = self.param("v", nn.initializers.ones, (2,))
+    loss = jnp.sum(jnp.sqrt(jnp.abs(w))) + jnp.sum(v**2) * batch["x"].mean()
+    return loss, {"loss": loss}
+
+
+@pytest.mark.parametrize("policy", ["abort", "skip_step"])
+def test_a_non_finite_gradient_with_a_finite_loss_is_flagged_by_group(policy):
+  from moe_jax.train.trainer import nonfinite_report
+  model, task = _SqrtAtZero(), Task("t", "classify", "x", num_classes=2)
+  tx = optax.sgd(0.1)
+  batch = {"x": jnp.ones((2,))}
+  params = model.init(jax.random.key(0), batch, task=task)["params"]
+  state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                     rng=jax.random.key_data(jax.random.key(0)))
+  train_step, _ = make_train_step(model, tx, nonfinite=policy)
+  new, metrics = jax.jit(train_step, static_argnames="task")(state, batch, task=task)
+  metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  assert np.isfinite(metrics["loss"]) and not np.isfinite(metrics["grad_norm"])
+  assert metrics["grad_finite/w"] == 0.0 and metrics["grad_finite/v"] == 1.0
+  assert nonfinite_report(metrics).endswith("first non-finite gradient group: w (of 1)")
+  if policy == "skip_step":  # nothing moves, not even the finite group
+    assert metrics["skipped_step"] == 1.0
+    np.testing.assert_array_equal(new.params["v"], params["v"])
+    np.testing.assert_array_equal(new.params["w"], params["w"])
+  else:  # the update is applied; the trainer stops before it is saved
+    assert not np.all(np.isfinite(new.params["w"]))
+  assert int(new.step) == 1
