@@ -24,6 +24,23 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def set_aside(self, step: int) -> str:
+    """Renames an unreadable step directory to `<step>.unreadable` (kept for inspection,
+    no longer a step) and returns the new path."""
+    src = os.path.join(self.directory, str(step))
+    dst = f"{src}.unreadable"
+    n = 1
+    while os.path.exists(dst):
+      n += 1
+      dst = f"{src}.unreadable{n}"
+    if jax.process_index() == 0:
+      os.rename(src, dst)
+    self._manager.reload()
+    return dst
+
   def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      data=ocp.args.JsonSave(data_state)),

@@ -85,6 +85,8 @@ def check_restorable(step_dir: str, state) -> None:
             for p, x in jax.tree_util.tree_flatten_with_path(
                 {"params": state.params, "router_state": state.router_state})[0]}
   step = os.path.basename(step_dir)
+  if not any(k.startswith("params/") for k in stored):
+    return  # metadata without parameters (damaged): the restore itself will report
   for key, shape in wanted.items():
     if key not in stored:
       raise ValueError(f"checkpoint {step} does not fit this model: it has no {key} (shape "

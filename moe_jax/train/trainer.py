@@ -142,6 +142,31 @@ def _finite_or_raise(step: int, task_name: str, metrics: Mapping[str, float],
                         "untouched")
 
 
+def _restore_latest_usable(ckpt: Checkpointer, state, workdir: str):
+  """(step, state, data state) of the newest checkpoint that restores; (0, state, None)
+  when there is none. An unreadable step (truncated or missing file, empty metadata) is
+  set aside with a warning naming it, and the previous one is tried; a checkpoint that
+  does not fit the model is a config error, never skipped."""
+  unreadable = []
+  for step in reversed(ckpt.all_steps()):
+    run_record.check_restorable(os.path.join(ckpt.directory, str(step)), state)
+    try:
+      restored, data_state = ckpt.restore(step, state)
+    except Exception as e:  # noqa: BLE001 -- Orbax and tensorstore raise many kinds here
+      first = (str(e).strip().splitlines() or [""])[0][:200]
+      moved = ckpt.set_aside(step)
+      _say(f"warning: checkpoint {step} is unreadable ({type(e).__name__}: {first}); moved to "
+           f"{moved}, trying the one before")
+      unreadable.append(step)
+      continue
+    return step, restored, data_state
+  if unreadable:
+    raise TrainingError(f"no checkpoint in {workdir}/checkpoints restores (steps "
+                        f"{unreadable} unreadable, set aside as *.unreadable); refusing to train "
+                        "from scratch over them: use a new workdir or remove the directory")
+  return 0, state, None
+
+
 def evaluate(eval_step, variables, tasks, eval_iters, max_batches: int = 0,
              put=lambda batch: batch) -> dict[str, dict]:
   """Metrics of every task (+ zero-shot) over its whole eval split (or `max_batches`
@@ -228,15 +253,13 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
        f"mesh {mesh_str} ({mesh.size} device{'s' if mesh.size > 1 else ''})")
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tcfg.keep_checkpoints))
-  start = ckpt.latest_step() or 0
-  changes = run_record.record_config(workdir, config, bool(start),
+  changes = run_record.record_config(workdir, config, bool(ckpt.latest_step()),
                                      str(tcfg.get("on_config_change", "warn")))
   if changes:
     _say(f"warning: resuming with {len(changes)} changed config field(s): "
          + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else ""))
+  start, state, data_state = _restore_latest_usable(ckpt, state, workdir)
   if start:  # restored straight into this mesh's layout, whatever mesh wrote it
-    run_record.check_restorable(os.path.join(ckpt.directory, str(start)), state)
-    state, data_state = ckpt.restore(start, state)
     for name, it in train_iters.items():
       it.set_state(data_state[name])
     _say(f"resumed from {workdir}/checkpoints at step {start}")

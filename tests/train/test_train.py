@@ -461,6 +461,41 @@ def test_resume_names_a_changed_parameter_shape_and_lists_changed_fields(tmp_pat
     train_and_evaluate(c, str(tmp_path))
 
 
+@pytest.mark.parametrize("damage", ["truncate the array data", "empty _METADATA"])
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys,
+                                                                         damage):
+  c = lm_tiny.get_config("smoke")
+  c.train.update(num_steps=4, log_every=2, eval_every=4, checkpoint_every=2, tensorboard=False)
+  train_and_evaluate(c, str(tmp_path))
+  step4 = tmp_path / "checkpoints" / "4" / "state"
+  if damage == "empty _METADATA":
+    (step4 / "_METADATA").write_text("")
+  else:
+    for path in glob.glob(str(step4 / "**" / "d" / "*"), recursive=True):
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+  capsys.readouterr()
+  c.train.num_steps = 6
+  summary = train_and_evaluate(c, str(tmp_path))
+  out = capsys.readouterr().out
+  assert re.search(r"warning: checkpoint 4 is unreadable \(\w+: .*\); moved to \S+/4"
+                   r"\.unreadable, trying the one before", out), out
+  assert summary["resumed_from"] == 2 and summary["final_step"] == 6
+  # 4 set aside, then 4 and 6 saved anew (keep 2: step 2 went)
+  assert set(os.listdir(tmp_path / "checkpoints")) == {"4.unreadable", "4", "6"}
+
+
+def test_no_readable_checkpoint_is_one_line_never_a_fresh_start(tmp_path):
+  c = lm_tiny.get_config("smoke")
+  c.train.update(num_steps=2, log_every=2, eval_every=2, checkpoint_every=2, tensorboard=False)
+  train_and_evaluate(c, str(tmp_path))
+  (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").write_text("")
+  c.train.num_steps = 4
+  with pytest.raises(TrainingError, match=r"no checkpoint in .* restores \(steps \[2\] "
+                                          r"unreadable, set aside as \*.unreadable\); refusing"):
+    train_and_evaluate(c, str(tmp_path))
+
+
 def _flatten(tree, prefix=""):
   for k, v in tree.items():
     if isinstance(v, dict):
