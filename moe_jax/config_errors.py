@@ -1,14 +1,25 @@
 """One-line explanations of bad `--config.a.b=value` overrides (ml_collections)."""
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import re
 
 import ml_collections
 
 
+def config_spec(argv: list[str]) -> str | None:
+  """The "path[:arg]" of --config=..., or of --config PATH (the space form)."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def _load_config(argv: list[str]):
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  spec = config_spec(argv)
   if spec is None:
     return None
   path, _, arg = spec.partition(":")
@@ -33,8 +44,10 @@ def explain_override_error(argv: list[str], error: Exception) -> str:
       if not isinstance(node, (ml_collections.ConfigDict, dict)) or key not in node:
         valid = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
         where = "config" + "".join(f".{w}" for w in walked)
-        return (f"unknown config key {key!r} in --config.{m.group(1)}; valid keys of {where}: "
-                f"{', '.join(valid)}")
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return (f"unknown config key {key!r} in --config.{m.group(1)}; {hint}valid keys of "
+                f"{where}: {', '.join(valid)}")
       walked.append(key)
       node = node[key]
   first = str(error).strip().splitlines()

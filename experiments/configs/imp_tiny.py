@@ -23,6 +23,8 @@ audio_text zero-shot 1.000.
 """
 import ml_collections
 
+from experiments.configs.fields import expose_fields
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -90,4 +92,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif arg:
     raise ValueError(f"unknown imp_tiny variant {arg!r}; allowed: smoke, mixed, task_routed, "
                      "task_routed_smoke")
-  return ml_collections.ConfigDict(c)
+  c = ml_collections.ConfigDict(c)
+  expose_fields(c)  # every model / stack / MoE field overridable from the command line
+  return c

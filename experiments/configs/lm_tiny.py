@@ -15,6 +15,8 @@ Results (2 CPU cores, 2026-11-30, 800 steps, 2.30M parameters): validation loss
 """
 import ml_collections
 
+from experiments.configs.fields import expose_fields
+
 # Every MoE layer routes each token to K=2 experts of width 256: 512 active hidden
 # units, the dense FFN width (mlp_dim) used everywhere in lm_tiny_dense.
 # Every top_k option is listed so that each can be overridden on the command line
@@ -67,4 +69,6 @@ def get_config(arg: str | None = None, moe: bool = True) -> ml_collections.Confi
     c.model.moe = DEEPSEEK
   elif arg:
     raise ValueError(f"unknown lm_tiny variant {arg!r}; allowed: smoke, deepseek")
-  return ml_collections.ConfigDict(c)
+  c = ml_collections.ConfigDict(c)
+  expose_fields(c)  # every model / stack / MoE field overridable from the command line
+  return c

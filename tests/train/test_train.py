@@ -511,6 +511,52 @@ def test_two_fresh_runs_with_one_seed_give_bit_identical_loss_curves(tmp_path):
   assert run("c", seed=1) != first  # the seed does matter
 
 
+def test_every_model_stack_and_moe_field_is_in_every_shipped_config():
+  import dataclasses
+  from experiments.configs import lm_tiny_dense, tfds_imp
+  from moe_jax.config import MoEConfig, TransformerConfig
+  from moe_jax.models import MODELS
+  configs = [imp_tiny.get_config(a) for a in (None, "smoke", "mixed", "task_routed")]
+  configs += [lm_tiny.get_config(a) for a in (None, "smoke", "deepseek")]
+  configs += [lm_tiny_dense.get_config(), tfds_imp.get_config("image=x")]
+  for c in configs:
+    model_cls = MODELS[c.model.name][1]
+    for cls, node in ((model_cls, c.model), (TransformerConfig, c.model)) + (
+        ((MoEConfig, c.model.moe),) if c.model.moe else ()):
+      missing = {f.name for f in dataclasses.fields(cls)} - {"moe", "encoder", "decoder"} - set(
+          node.keys())
+      assert not missing, (c.model.name, cls.__name__, missing)
+
+
+def test_fields_the_file_leaves_out_override_from_the_command_line(tmp_path):
+  # head_dim and group_size default to None (typed placeholders), remat to False; the run
+  # stops at the train checks, after the overrides were accepted.
+  result = _cli("--config=experiments/configs/imp_tiny.py", "--config.model.head_dim=8",
+                "--config.model.moe.group_size=64", "--config.model.remat=True",
+                "--config.model.moe.num_shared_experts=1", "--config.train.num_steps=0",
+                f"--workdir={tmp_path}")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: train.num_steps=0 is out of range; allowed: 1 <= train.num_steps <= inf")
+
+
+def test_config_help_and_config_file_errors_are_one_line(tmp_path):
+  helped = _cli("--config=experiments/configs/imp_tiny.py:smoke", "--config_help",
+                "--config.model.moe.group_size=32")
+  assert helped.returncode == 0, helped.stderr[-2000:]
+  assert "Variants: `imp_tiny.py:smoke`" in helped.stdout and "group_size: 32" in helped.stdout
+  missing = _cli("--config=experiments/configs/nope.py", f"--workdir={tmp_path}")
+  assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [
+      "error: config 'experiments/configs/nope.py' could not be loaded: [Errno 2] No such "
+      "file or directory: 'experiments/configs/nope.py'"]
+  typo = _cli("--config", "experiments/configs/imp_tiny.py", "--config.train.num_stpes=3",
+              f"--workdir={tmp_path}")  # the space form of --config
+  last = typo.stderr.strip().splitlines()[-1]
+  assert typo.returncode == 1 and len(typo.stderr.strip().splitlines()) == 1
+  assert last.startswith("error: unknown config key 'num_stpes' in --config.train.num_stpes; "
+                         "did you mean 'num_steps'? valid keys of config.train: ")
+
+
 def _flatten(tree, prefix=""):
   for k, v in tree.items():
     if isinstance(v, dict):
