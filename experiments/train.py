@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from moe_jax.config_errors import config_spec, explain_override_error
 from moe_jax.train import TrainingError, train_and_evaluate
+from moe_jax.train.checkpoint import SaveError
 from moe_jax.train.preemption import Interrupted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
@@ -75,7 +76,7 @@ def main(argv):
     print("interrupted again: exited at once without saving; a rerun resumes from the last "
           "committed checkpoint (if any)", file=sys.stderr, flush=True)
     sys.exit(130)
-  except (ValueError, TrainingError, FileNotFoundError) as e:
+  except (ValueError, TrainingError, FileNotFoundError, SaveError) as e:
     sys.exit(f"error: {e}")
 
 

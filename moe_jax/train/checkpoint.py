@@ -12,6 +12,10 @@ import jax
 import orbax.checkpoint as ocp
 
 
+class SaveError(RuntimeError):
+  """A checkpoint write failed; the message is one line."""
+
+
 class Checkpointer:
   """Keeps the last `keep` checkpoints under `directory`; restores the latest."""
 
@@ -42,10 +46,22 @@ class Checkpointer:
     return dst
 
   def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     data=ocp.args.JsonSave(data_state)),
-                       force=True)
-    self._manager.wait_until_finished()
+    """Writes `step` and waits for the commit. A failed write (disk full, unwritable
+    directory) raises SaveError in one line; committed steps stay as they were."""
+    try:
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       data=ocp.args.JsonSave(data_state)),
+                         force=True)
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 -- Orbax wraps OS errors in many types
+      cause = e
+      while cause.__cause__ is not None:
+        cause = cause.__cause__
+      first = (str(cause).strip().splitlines() or [""])[0][:200]
+      committed = [s for s in self._manager.all_steps() if s != step]
+      raise SaveError(f"saving checkpoint {step} in {self.directory} failed "
+                      f"({type(cause).__name__}: {first}); the last committed checkpoint is "
+                      f"{max(committed) if committed else 'none'}") from e
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """The state at `step`, laid out like `abstract_state` (shapes, dtypes, shardings)."""

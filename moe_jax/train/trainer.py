@@ -21,7 +21,7 @@ import numpy as np
 from moe_jax import models
 from moe_jax import validation as V
 from moe_jax.train import agd
-from moe_jax.train.checkpoint import Checkpointer
+from moe_jax.train.checkpoint import Checkpointer, SaveError
 from moe_jax.config import MoEConfig
 from moe_jax.data import BatchIterator, make_source
 from moe_jax.data.transforms import Pipeline

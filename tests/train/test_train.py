@@ -557,6 +557,34 @@ def test_config_help_and_config_file_errors_are_one_line(tmp_path):
                          "did you mean 'num_steps'? valid keys of config.train: ")
 
 
+def test_a_failed_save_is_one_line_and_keeps_the_committed_checkpoints(tmp_path, monkeypatch):
+  """Disk full at the second save (root ignores file modes, so the failure is injected
+  into the filesystem write Orbax's array handler makes)."""
+  import errno
+  from moe_jax.train.checkpoint import SaveError
+  c = lm_tiny.get_config("smoke")
+  c.train.update(num_steps=6, log_every=2, eval_every=6, checkpoint_every=2, tensorboard=False)
+  calls = {"n": 0}
+  real_save = ocp.CheckpointManager.save
+
+  def disk_full_on_second_save(self, step, *args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 2:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full_on_second_save)
+  with pytest.raises(SaveError) as e:
+    train_and_evaluate(c, str(tmp_path))
+  assert str(e.value).startswith(f"saving checkpoint 4 in {tmp_path}/checkpoints failed (OSError:")
+  assert "No space left on device); the last committed checkpoint is 2" in str(e.value)
+  assert "\n" not in str(e.value)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+  monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+  summary = train_and_evaluate(c, str(tmp_path))  # the rerun resumes from the committed step
+  assert summary["resumed_from"] == 2
+
+
 def _flatten(tree, prefix=""):
   for k, v in tree.items():
     if isinstance(v, dict):
