@@ -365,8 +365,10 @@ def test_a_second_ctrl_c_stops_at_once_and_the_cli_says_so_in_one_line(monkeypat
     raise KeyboardInterrupt
 
   monkeypatch.setattr(cli, "train_and_evaluate", interrupted_again)
-  for holder in ("_CONFIG", "_WORKDIR"):  # flags unparsed in pytest
-    monkeypatch.setattr(cli, holder, __import__("types").SimpleNamespace(value=None))
+  flag = lambda value: __import__("types").SimpleNamespace(value=value)  # unparsed in pytest
+  monkeypatch.setattr(cli, "_CONFIG", flag({}))
+  monkeypatch.setattr(cli, "_WORKDIR", flag("unused"))
+  monkeypatch.setattr(cli, "_CONFIG_HELP", flag(False))
   with pytest.raises(SystemExit) as e:
     cli.main(["train"])
   assert e.value.code == 130
