@@ -147,23 +147,27 @@ def _restore_latest_usable(ckpt: Checkpointer, state, workdir: str):
   when there is none. An unreadable step (truncated or missing file, empty metadata) is
   set aside with a warning naming it, and the previous one is tried; a checkpoint that
   does not fit the model is a config error, never skipped."""
-  unreadable = []
+  unreadable: list[tuple[int, str]] = []
   for step in reversed(ckpt.all_steps()):
     run_record.check_restorable(os.path.join(ckpt.directory, str(step)), state)
     try:
       restored, data_state = ckpt.restore(step, state)
     except Exception as e:  # noqa: BLE001 -- Orbax and tensorstore raise many kinds here
       first = (str(e).strip().splitlines() or [""])[0][:200]
-      moved = ckpt.set_aside(step)
-      _say(f"warning: checkpoint {step} is unreadable ({type(e).__name__}: {first}); moved to "
-           f"{moved}, trying the one before")
-      unreadable.append(step)
+      unreadable.append((step, f"{type(e).__name__}: {first}"))
       continue
+    # Only once an older step restored are the newer, unreadable ones set aside (so that a
+    # later save of the same step number can happen); nothing moves when none restores.
+    for bad, why in unreadable:
+      moved = ckpt.set_aside(bad)
+      _say(f"warning: checkpoint {bad} is unreadable ({why}); moved to {moved}, resuming "
+           f"from {step}")
     return step, restored, data_state
   if unreadable:
     raise TrainingError(f"no checkpoint in {workdir}/checkpoints restores (steps "
-                        f"{unreadable} unreadable, set aside as *.unreadable); refusing to train "
-                        "from scratch over them: use a new workdir or remove the directory")
+                        f"{[s for s, _ in unreadable]}; newest: {unreadable[0][1]}); nothing was "
+                        "moved and nothing trains from scratch over them: use a new workdir or "
+                        "move them away")
   return 0, state, None
 
 

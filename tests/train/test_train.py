@@ -481,7 +481,7 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path
   summary = train_and_evaluate(c, str(tmp_path))
   out = capsys.readouterr().out
   assert re.search(r"warning: checkpoint 4 is unreadable \(\w+: .*\); moved to \S+/4"
-                   r"\.unreadable, trying the one before", out), out
+                   r"\.unreadable, resuming from 2", out), out
   assert summary["resumed_from"] == 2 and summary["final_step"] == 6
   # 4 set aside, then 4 and 6 saved anew (keep 2: step 2 went)
   assert set(os.listdir(tmp_path / "checkpoints")) == {"4.unreadable", "4", "6"}
@@ -493,9 +493,10 @@ def test_no_readable_checkpoint_is_one_line_never_a_fresh_start(tmp_path):
   train_and_evaluate(c, str(tmp_path))
   (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").write_text("")
   c.train.num_steps = 4
-  with pytest.raises(TrainingError, match=r"no checkpoint in .* restores \(steps \[2\] "
-                                          r"unreadable, set aside as \*.unreadable\); refusing"):
+  with pytest.raises(TrainingError, match=r"no checkpoint in .* restores \(steps \[2\]; "
+                                          r"newest: \w+: .*\); nothing was moved"):
     train_and_evaluate(c, str(tmp_path))
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]  # left where it was
 
 
 def test_two_fresh_runs_with_one_seed_give_bit_identical_loss_curves(tmp_path):
