@@ -263,7 +263,7 @@ MUTANTS = (
       ("tests/train/test_train.py", "-k", "sigterm"),
       "SIGTERM exits without saving the step it reports saved"),
     M("unreadable_checkpoint_not_set_aside", "moe_jax/train/trainer.py",
-      "      moved = ckpt.set_aside(step)", "      moved = 'nowhere'",
+      "      moved = ckpt.set_aside(bad)", "      moved = 'nowhere'",
       ("tests/train/test_train.py", "-k", "unreadable"),
       "a damaged step stays a step: the next save over it or the next resume fails"),
     M("changed_shapes_left_to_orbax", "moe_jax/train/run_record.py",
