@@ -70,7 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  on_recompile="error",  # a task compiling twice stops the run ("warn": go on)
                  on_config_change="warn",  # resuming with other config values ("error": stop)
                  nonfinite="abort",  # NaN/Inf loss or gradient: stop ("skip_step": skip it)
-                 max_consecutive_skips=10)  # skip_step: stop after this many in a row
+                 max_consecutive_skips=10,  # skip_step: stop after this many in a row
+                 async_checkpoints=True)  # write in the background (one save in flight)
 
   if arg == "smoke":
     c.model["num_layers"] = 2

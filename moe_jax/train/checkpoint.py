@@ -1,7 +1,10 @@
 """Orbax checkpoints of the train state and the data iterators' positions.
 
-Saves are synchronous and atomic (Orbax writes a temporary directory and renames
-it), so a run killed at any moment leaves its last finished checkpoint intact.
+Saves are atomic (Orbax writes a temporary directory and renames it), so a run killed
+at any moment leaves its last committed checkpoint intact; temporary directories of a
+killed write are removed when the next run opens the directory. With `async_save` the
+write goes on in the background while training continues; its failure surfaces, in one
+line, at the next save, at `wait()` or at `close()`.
 """
 from __future__ import annotations
 
@@ -19,11 +22,14 @@ class SaveError(RuntimeError):
 class Checkpointer:
   """Keeps the last `keep` checkpoints under `directory`; restores the latest."""
 
-  def __init__(self, directory: str, keep: int = 3):
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = False):
     self.directory = os.path.abspath(directory)
+    self.async_save = async_save
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._pending: int | None = None  # a step whose background write may not be committed
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -46,22 +52,38 @@ class Checkpointer:
     return dst
 
   def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
-    """Writes `step` and waits for the commit. A failed write (disk full, unwritable
-    directory) raises SaveError in one line; committed steps stay as they were."""
+    """Writes `step` (waiting for the commit unless `async_save`). A failed write (disk
+    full, unwritable directory) raises SaveError in one line naming the step; committed
+    steps stay as they were."""
+    self.wait()  # the previous background write first: its error names its own step
     try:
       self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        data=ocp.args.JsonSave(data_state)),
                          force=True)
-      self._manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001 -- Orbax wraps OS errors in many types
-      cause = e
-      while cause.__cause__ is not None:
-        cause = cause.__cause__
-      first = (str(cause).strip().splitlines() or [""])[0][:200]
-      committed = [s for s in self._manager.all_steps() if s != step]
-      raise SaveError(f"saving checkpoint {step} in {self.directory} failed "
-                      f"({type(cause).__name__}: {first}); the last committed checkpoint is "
-                      f"{max(committed) if committed else 'none'}") from e
+      raise self._error(step, e) from e
+    self._pending = step
+    if not self.async_save:
+      self.wait()
+
+  def wait(self) -> None:
+    """Blocks until the background write (if any) is committed; SaveError if it failed."""
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      raise self._error(step, e) from e
+
+  def _error(self, step: int | None, e: Exception) -> SaveError:
+    cause = e
+    while cause.__cause__ is not None:
+      cause = cause.__cause__
+    first = (str(cause).strip().splitlines() or [""])[0][:200]
+    committed = [s for s in self._manager.all_steps() if s != step]
+    return SaveError(f"saving checkpoint {step} in {self.directory} failed "
+                     f"({type(cause).__name__}: {first}); the last committed checkpoint is "
+                     f"{max(committed) if committed else 'none'}")
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """The state at `step`, laid out like `abstract_state` (shapes, dtypes, shardings)."""
@@ -71,4 +93,8 @@ class Checkpointer:
     return out["state"], out["data"]
 
   def close(self) -> None:
-    self._manager.close()
+    """Waits for a background write, then closes (SaveError if that write failed)."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()

@@ -256,7 +256,8 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
        f"({n_expert / 1e6:.2f}M in experts); tasks: {', '.join(t.name for t in tasks)}; "
        f"mesh {mesh_str} ({mesh.size} device{'s' if mesh.size > 1 else ''})")
 
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tcfg.keep_checkpoints))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tcfg.keep_checkpoints),
+                      async_save=bool(tcfg.get("async_checkpoints", False)))
   changes = run_record.record_config(workdir, config, bool(ckpt.latest_step()),
                                      str(tcfg.get("on_config_change", "warn")))
   if changes:
@@ -381,6 +382,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
         if last_checkpoint != done:
           ckpt.save(done, state, {n: it.get_state() for n, it in train_iters.items()})
           last_checkpoint = done
+        ckpt.wait()  # committed before we say so
         write_segment(f"stopped by {stop}", done)
         raise Interrupted(stop, done, saved=True)
       if eval_iters and (done % eval_every == 0 or done == num_steps):

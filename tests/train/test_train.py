@@ -588,6 +588,28 @@ def test_a_failed_save_is_one_line_and_keeps_the_committed_checkpoints(tmp_path,
   assert summary["resumed_from"] == 2
 
 
+def test_a_background_save_failure_surfaces_at_the_next_save_naming_its_step(tmp_path,
+                                                                            monkeypatch):
+  import jax.numpy as jnp
+  from moe_jax.train.checkpoint import Checkpointer, SaveError
+  ckpt = Checkpointer(str(tmp_path), keep=3, async_save=True)
+  state = {"w": jnp.ones(3)}
+  ckpt.save(1, state, {"t": {"position": 1}})
+  ckpt.wait()
+  ckpt.save(2, state, {"t": {"position": 2}})  # returns while the write goes on
+
+  def failed():
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(ckpt._manager, "check_for_errors", failed)  # the write of 2 failed
+  with pytest.raises(SaveError, match=r"^saving checkpoint 2 in .* failed \(OSError: \[Errno "
+                                      r"28\] No space left on device\); the last committed "
+                                      r"checkpoint is 1$"):
+    ckpt.save(3, state, {"t": {"position": 3}})
+  monkeypatch.undo()
+  ckpt.close()
+
+
 def _flatten(tree, prefix=""):
   for k, v in tree.items():
     if isinstance(v, dict):
