@@ -17,7 +17,20 @@ from ml_collections import config_dict
 from moe_jax.config import MoEConfig, TransformerConfig
 from moe_jax.models import MODELS
 
-_SKIP = {"moe", "encoder", "decoder"}  # nested configs, set by the file when used
+_SKIP = {"moe", "encoder", "decoder"}
+
+# Input loading: batches built ahead in `num_threads` threads (grain); num_workers > 0
+# builds them in worker processes instead (for heavy Python preprocessing).
+LOADER = dict(num_workers=0, num_threads=1, prefetch=2)
+
+# What a run does when something goes wrong, shared by the shipped configs' `train`.
+RUN_POLICIES = dict(
+    on_recompile="error",  # a task compiling twice stops the run ("warn": go on)
+    on_config_change="warn",  # resuming with other config values ("error": stop)
+    nonfinite="abort",  # NaN/Inf loss or gradient: stop ("skip_step": skip that step)
+    max_consecutive_skips=10,  # skip_step: stop after this many in a row
+    async_checkpoints=True,  # write in the background (one save in flight)
+)  # nested configs, set by the file when used
 
 
 def _placeholder_type(hint) -> type | None:

@@ -15,7 +15,7 @@ Results (2 CPU cores, 2026-11-30, 800 steps, 2.30M parameters): validation loss
 """
 import ml_collections
 
-from experiments.configs.fields import expose_fields
+from experiments.configs.fields import LOADER, RUN_POLICIES, expose_fields
 
 # Every MoE layer routes each token to K=2 experts of width 256: 512 active hidden
 # units, the dense FFN width (mlp_dim) used everywhere in lm_tiny_dense.
@@ -49,19 +49,13 @@ def get_config(arg: str | None = None, moe: bool = True) -> ml_collections.Confi
   # Device mesh (product = device count; all 1 = one device). E.g. on 8 devices
   # --config.mesh.data=2 --config.mesh.expert=4 (num_experts must divide by expert).
   c.mesh = dict(data=1, fsdp=1, expert=1, model=1)
-  # Input loading: batches built ahead in `num_threads` threads (grain); num_workers > 0
-  # builds them in worker processes instead (for heavy Python preprocessing).
-  c.data = dict(num_workers=0, num_threads=1, prefetch=2)
+  c.data = dict(LOADER)
   c.optimizer = dict(learning_rate=3e-3, warmup_steps=100, weight_decay=1e-4, grad_clip_norm=1.0,
                      end_lr_factor=0.1)
   c.train = dict(num_steps=800, log_every=100, eval_every=400, checkpoint_every=400,
                  keep_checkpoints=2, eval_batches=20, tensorboard=True,
                  moe_telemetry=True,  # per layer, per expert loads every log step
-                 on_recompile="error",  # a task compiling twice stops the run ("warn": go on)
-                 on_config_change="warn",  # resuming with other config values ("error": stop)
-                 nonfinite="abort",  # NaN/Inf loss or gradient: stop ("skip_step": skip it)
-                 max_consecutive_skips=10,  # skip_step: stop after this many in a row
-                 async_checkpoints=True)  # write in the background (one save in flight)
+                 **RUN_POLICIES)
   if arg == "smoke":
     c.model["num_layers"] = 2
     c.train.update(num_steps=6, log_every=3, eval_every=6, checkpoint_every=3, eval_batches=1)

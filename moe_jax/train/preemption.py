@@ -30,25 +30,33 @@ class Interrupted(Exception):
 
 
 class StopRequests:
-  """Context manager: installs the handlers (main thread only) and restores the old ones."""
+  """Installs the handlers (main thread only) and restores the old ones; also a context
+  manager."""
 
   def __init__(self):
     self.signal_name: str | None = None
     self._old: dict[int, object] = {}
     self._multi = jax.process_count() > 1
 
-  def __enter__(self) -> StopRequests:
+  def install(self) -> None:
     if threading.current_thread() is not threading.main_thread():
-      return self  # signals reach the main thread only: nothing to install
+      return  # signals reach the main thread only: nothing to install
     signals = [signal.SIGINT] + ([] if self._multi else [signal.SIGTERM])
     for sig in signals:
       self._old[sig] = signal.signal(sig, self._handle)
-    return self
 
-  def __exit__(self, *exc) -> None:
+  def restore(self) -> None:
+    """Puts back the handlers that were there before `install`."""
     for sig, old in self._old.items():
       signal.signal(sig, old)
     self._old.clear()
+
+  def __enter__(self) -> StopRequests:
+    self.install()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.restore()
 
   def _handle(self, signum, frame) -> None:
     del frame

@@ -319,14 +319,18 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     host = {k: v for k, v in host.items() if not k.startswith(GRAD_FINITE_PREFIX)}
     averager.add("train" if mode == "mixed" else f"train/{name}", host)
 
+  def save(step: int) -> int:
+    """Checkpoints `state` and every task's data position at `step`; returns the step."""
+    ckpt.save(step, state, {n: it.get_state() for n, it in train_iters.items()})
+    return step
+
   def write_segment(status: str, end_step: int) -> dict[str, Any]:
     wall = time.perf_counter() - t_start
     segment = {"start_step": start, "end_step": end_step, "status": status, "wall_time_s": wall,
                "compile_seconds": dict(step_cache.compile_seconds),
                "compiles": dict(step_cache.compiles), "train_history": history,
                "config": run_record.config_dict(config), "code_version": run_record.code_version(),
-               "packages": run_record.package_versions()}
-    segment["skipped_steps"] = skips["total"]
+               "packages": run_record.package_versions(), "skipped_steps": skips["total"]}
     latest = {"final_step": end_step, "resumed_from": start or None, "mode": mode, "eval": final,
               "compile_seconds": step_cache.compile_seconds, "compiles": step_cache.compiles,
               "wall_time_s": wall, "parameters": n_params, "mesh": dict(mesh.shape),
@@ -335,7 +339,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
 
   stops = StopRequests()
   try:
-    stops.__enter__()
+    stops.install()
     for step in range(start, num_steps):
       if mode == "mixed":
         name, batch, task = "mixed", {t.name: next(train_iters[t.name]) for t in tasks}, mixed
@@ -374,14 +378,12 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
                         **{f"moe_layers/{k}/expert_load": v for k, v in load_vectors.items()}})
       if done % ckpt_every == 0 or done == num_steps:
         drain()
-        ckpt.save(done, state, {n: it.get_state() for n, it in train_iters.items()})
-        last_checkpoint = done
+        last_checkpoint = save(done)
       stop = stops.requested(done)
       if stop:  # preemption or Ctrl-C: save this step (waiting for the write), then leave
         drain()
         if last_checkpoint != done:
-          ckpt.save(done, state, {n: it.get_state() for n, it in train_iters.items()})
-          last_checkpoint = done
+          last_checkpoint = save(done)
         ckpt.wait()  # committed before we say so
         write_segment(f"stopped by {stop}", done)
         raise Interrupted(stop, done, saved=True)
@@ -401,7 +403,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
         _say(f"eval at step {done} done in {format_duration(eval_seconds)}")
     drain()
   finally:
-    stops.__exit__()
+    stops.restore()
     writer.flush()
     writer.close()
     ckpt.close()
