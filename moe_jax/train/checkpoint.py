@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from moe_jax.train import faults
+
 
 class SaveError(RuntimeError):
   """A checkpoint write failed; the message is one line."""
@@ -74,6 +76,8 @@ class Checkpointer:
       self._manager.check_for_errors()
     except Exception as e:  # noqa: BLE001
       raise self._error(step, e) from e
+    if step is not None:
+      faults.at("committed", step)
 
   def _error(self, step: int | None, e: Exception) -> SaveError:
     cause = e

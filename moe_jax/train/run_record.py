@@ -6,10 +6,12 @@
 - `check_restorable`: a checkpoint whose parameter shapes differ from the model's is one
   line naming the first differing parameter and both shapes (before Orbax tries).
 - `summary.json` keeps every segment of a resumed run (steps, wall time, compiles,
-  history) with the config, the code version (git) and the package versions.
+  history) with the config, the code version (git) and the package versions. A segment
+  is rewritten at each checkpoint (status "running"), so a killed run keeps its record.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -104,6 +106,7 @@ def check_restorable(step_dir: str, state) -> None:
                      "that wrote it (config.json) or use a new workdir")
 
 
+@functools.cache
 def code_version() -> str | None:
   """The git commit of the checked-out package (with "+dirty" for local edits), if any."""
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -119,6 +122,7 @@ def code_version() -> str | None:
     return None
 
 
+@functools.cache
 def package_versions() -> dict[str, str]:
   out = {}
   for name in PACKAGES:
@@ -139,8 +143,19 @@ def write_summary(workdir: str, segment: dict[str, Any], latest: dict[str, Any])
         segments = list(json.load(f).get("segments", []))
     except (OSError, ValueError):
       logging.warning("%s is unreadable; starting its segment list again", path)
-  # A rerun from an earlier step replaces the segments it re-runs (their steps are redone).
-  segments = [s for s in segments if s.get("end_step", 0) <= segment["start_step"]]
+  # A rerun from an earlier step redoes the steps after it: earlier segments are cut back
+  # to that step (a killed segment's last record may reach past its last committed
+  # checkpoint), and segments that started later are replaced.
+  start = segment["start_step"]
+  kept = []
+  for s in segments:
+    if s.get("start_step", 0) >= start:
+      continue
+    if s.get("end_step", 0) > start:
+      s = {**s, "end_step": start, "status": f"{s.get('status')}; redone after step {start}",
+           "train_history": [h for h in s.get("train_history", []) if h["step"] <= start]}
+    kept.append(s)
+  segments = kept
   summary = {**latest, "segments": segments + [segment]}
   if jax.process_index() == 0:
     with open(path, "w") as f:

@@ -20,7 +20,7 @@ import numpy as np
 
 from moe_jax import models
 from moe_jax import validation as V
-from moe_jax.train import agd
+from moe_jax.train import agd, faults
 from moe_jax.train.checkpoint import Checkpointer, SaveError
 from moe_jax.config import MoEConfig
 from moe_jax.data import BatchIterator, make_source
@@ -172,12 +172,13 @@ def _restore_latest_usable(ckpt: Checkpointer, state, workdir: str):
 
 
 def evaluate(eval_step, variables, tasks, eval_iters, max_batches: int = 0,
-             put=lambda batch: batch) -> dict[str, dict]:
+             put=lambda batch: batch, after_batch=lambda: None) -> dict[str, dict]:
   """Metrics of every task (+ zero-shot) over its whole eval split (or `max_batches`
   batches when > 0), each batch weighted by its real examples ("valid"), so the fill
   of the last batch counts for nothing.
 
-  `put` turns a process-local batch into the global arrays the step takes."""
+  `put` turns a process-local batch into the global arrays the step takes;
+  `after_batch` runs after each batch (the fault-injection tests kill mid-eval there)."""
   results = {}
   for task in tasks:
     if task.name not in eval_iters:
@@ -198,6 +199,7 @@ def evaluate(eval_step, variables, tasks, eval_iters, max_batches: int = 0,
         sums[k] = sums.get(k, 0.0) + float(v) * real
       n += 1
       examples += real
+      after_batch()
     results[task.name] = ({k: v / max(examples, 1) for k, v in sums.items()}
                           | {"eval_batches": n, "eval_examples": examples})
   return results
@@ -338,6 +340,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     return run_record.write_summary(workdir, segment, latest)
 
   stops = StopRequests()
+  faults.at("start")
   try:
     stops.install()
     for step in range(start, num_steps):
@@ -357,6 +360,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       drain()  # the previous step's metrics; this step is already queued
       pending = (step + 1, name, metrics)
       done = step + 1
+      faults.at("step", done)
       if done % log_every == 0 or done == num_steps:
         drain()
         rate, eta = progress.update(done)
@@ -379,6 +383,8 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       if done % ckpt_every == 0 or done == num_steps:
         drain()
         last_checkpoint = save(done)
+        write_segment("running", done)  # a killed run keeps its record up to here
+        faults.at("save_issued", done)
       stop = stops.requested(done)
       if stop:  # preemption or Ctrl-C: save this step (waiting for the write), then leave
         drain()
@@ -391,7 +397,8 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
         t_eval = time.perf_counter()
         _say(f"eval at step {done}: {len(eval_iters)} task(s), "
              f"{'whole splits' if not eval_batches else f'up to {eval_batches} batches each'}")
-        results = evaluate(eval_step, state.variables(), tasks, eval_iters, eval_batches, put)
+        results = evaluate(eval_step, state.variables(), tasks, eval_iters, eval_batches, put,
+                           after_batch=lambda: faults.at("eval", done))
         eval_seconds = time.perf_counter() - t_eval
         progress.exclude(eval_seconds)
         final = results if done == num_steps else None
@@ -411,7 +418,9 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       it.close()
 
   if final is None:  # e.g. resumed from the final checkpoint: nothing ran
-    final = evaluate(eval_step, state.variables(), tasks, eval_iters, eval_batches, put)
+    final = evaluate(eval_step, state.variables(), tasks, eval_iters, eval_batches, put,
+                     after_batch=lambda: faults.at("eval", num_steps))
+  faults.at("finish")
   summary = write_segment("finished", num_steps)
   _say(f"done in {format_duration(summary['wall_time_s'])}; compile seconds per task: "
        + ", ".join(f"{k}={v:.1f}" for k, v in step_cache.compile_seconds.items()))

@@ -19,7 +19,7 @@ from moe_jax.train.agd import Task
 from moe_jax.train import TrainingError, evaluate, train_and_evaluate
 from moe_jax.train.trainer import check_vocab
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.train.runs import REPO, cli as _cli, final_state as _final_state, flatten as _flatten
 
 
 def imp_config(tasks=("image_cls", "image_text"), **train):
@@ -193,11 +193,6 @@ def test_unwritable_workdir_is_one_clear_error(tmp_path):
     train_and_evaluate(imp_config(), str(blocker / "run"))
 
 
-def _cli(*args, env=None):
-  return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO,
-                        capture_output=True, text=True, env=env, timeout=600)
-
-
 def test_cli_reports_unknown_config_keys_and_missing_data(tmp_path):
   bad_key = _cli("--config=experiments/configs/imp_tiny.py", "--config.model.moe.num_expertz=3",
                  f"--workdir={tmp_path}")
@@ -212,53 +207,8 @@ def test_cli_reports_unknown_config_keys_and_missing_data(tmp_path):
   assert "not_a_real_dataset_xyz" in no_data.stderr.strip().splitlines()[-1]
 
 
-def _final_state(workdir, step):
-  return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step),
-                                                         "state"))
-
-
 def _final_params(workdir, step):
   return _final_state(workdir, step)["params"]
-
-
-def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
-  """A run killed mid-way and restarted ends with the same parameters and metrics."""
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  # Bias balancing on: its router state must survive the kill and resume bit for bit.
-  args = ["--config=experiments/configs/lm_tiny.py:smoke", "--config.train.num_steps=40",
-          "--config.model.moe.router.bias_update_rate=0.01",
-          "--config.train.checkpoint_every=4", "--config.train.eval_every=40",
-          "--config.train.log_every=4"]
-  whole, parts = tmp_path / "whole", tmp_path / "parts"
-  assert _cli(*args, f"--workdir={whole}", env=env).returncode == 0
-  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args, f"--workdir={parts}"],
-                          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while time.time() < deadline and not (parts / "checkpoints" / "12").exists():
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  done = sorted(int(s) for s in os.listdir(parts / "checkpoints") if s.isdigit())
-  assert 12 <= max(done) < 40, f"kill did not land mid-run: checkpoints {done}"
-  rerun = _cli(*args, f"--workdir={parts}", env=env)
-  assert rerun.returncode == 0, rerun.stderr[-2000:]
-  assert "resumed from" in rerun.stdout
-  a, b = _final_params(whole, 40), _final_params(parts, 40)
-  bias = [v for k, v in _flatten(_final_state(whole, 40)["router_state"]) if k.endswith("bias_E")]
-  assert bias and any(np.abs(x).max() > 0 for x in bias)  # the bias did move
-  assert dict(_flatten(_final_state(whole, 40)["router_state"])).keys() == dict(
-      _flatten(_final_state(parts, 40)["router_state"])).keys()
-  for (k, x), (_, y) in zip(_flatten(_final_state(whole, 40)["router_state"]),
-                            _flatten(_final_state(parts, 40)["router_state"])):
-    np.testing.assert_array_equal(x, y, err_msg=k)
-  flat_a, flat_b = dict(_flatten(a)), dict(_flatten(b))
-  assert flat_a.keys() == flat_b.keys()
-  for k in flat_a:
-    np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=k)
-  eval_a = json.loads((whole / "summary.json").read_text())["eval"]
-  eval_b = json.loads((parts / "summary.json").read_text())["eval"]
-  assert eval_a == eval_b
 
 
 def _start(args, workdir, env):
@@ -608,14 +558,6 @@ def test_a_background_save_failure_surfaces_at_the_next_save_naming_its_step(tmp
     ckpt.save(3, state, {"t": {"position": 3}})
   monkeypatch.undo()
   ckpt.close()
-
-
-def _flatten(tree, prefix=""):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _flatten(v, f"{prefix}{k}/")
-    else:
-      yield f"{prefix}{k}", np.asarray(v)
 
 
 def test_task_routed_imp_trains_with_one_gate_per_task(tmp_path):
