@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from moe_jax.config_errors import config_spec, explain_override_error
 from moe_jax.train import TrainingError, train_and_evaluate
+from moe_jax.train.barriers import BarrierTimeout
 from moe_jax.train.checkpoint import SaveError
 from moe_jax.train.preemption import Interrupted
 
@@ -76,7 +77,7 @@ def main(argv):
     print("interrupted again: exited at once without saving; a rerun resumes from the last "
           "committed checkpoint (if any)", file=sys.stderr, flush=True)
     sys.exit(130)
-  except (ValueError, TrainingError, FileNotFoundError, SaveError) as e:
+  except (ValueError, TrainingError, FileNotFoundError, SaveError, BarrierTimeout) as e:
     sys.exit(f"error: {e}")
 
 

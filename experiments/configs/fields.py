@@ -30,6 +30,7 @@ RUN_POLICIES = dict(
     nonfinite="abort",  # NaN/Inf loss or gradient: stop ("skip_step": skip that step)
     max_consecutive_skips=10,  # skip_step: stop after this many in a row
     async_checkpoints=True,  # write in the background (one save in flight)
+    barrier_timeout_s=600.0,  # multi-host: longest wait for a process at start-up / saves
 )  # nested configs, set by the file when used
 
 

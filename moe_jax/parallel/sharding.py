@@ -70,12 +70,12 @@ _MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "TPU_WOR
                       "MEGASCALE_COORDINATOR_ADDRESS")
 
 
-def initialize_distributed() -> bool:
+def initialize_distributed(timeout_s: float = 300) -> bool:
   """jax.distributed.initialize() on multi-process launches; a no-op on one host.
 
   Multi-process means a coordinator / TPU-pod variable is set, or SLURM launched more
-  than one task. Returns whether it initialised (False if already done, e.g. by a
-  notebook's earlier run).
+  than one task. Every process waits up to `timeout_s` for all of them to connect.
+  Returns whether it initialised (False if already done, e.g. by a notebook's earlier run).
   """
   multi = any(os.environ.get(k) for k in _MULTI_PROCESS_ENV)
   multi = multi or int(os.environ.get("SLURM_NTASKS", "1")) > 1
@@ -91,5 +91,13 @@ def initialize_distributed() -> bool:
       if not value.isdigit():
         raise ValueError(f"{env}={value!r} must be a non-negative integer")
       kwargs[arg] = int(value)
-  jax.distributed.initialize(**kwargs)
+  # When a process never connects, JAX aborts this one from C++ with DEADLINE_EXCEEDED
+  # (RegisterTask) and no Python error: say beforehand what is being waited for.
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS")
+  print(f"process {kwargs.get('process_id', '?')} of {kwargs.get('num_processes', '?')}: "
+        f"connecting to {address or 'the cluster coordinator'}, waiting up to {timeout_s:g} s "
+        "for every process (train.barrier_timeout_s); an abort with DEADLINE_EXCEEDED "
+        "RegisterTask means some process never started or got other JAX_* variables",
+        flush=True)
+  jax.distributed.initialize(initialization_timeout=int(timeout_s), **kwargs)
   return True

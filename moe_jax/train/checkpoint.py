@@ -13,8 +13,17 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import flags
 
-from moe_jax.train import faults
+from moe_jax.train import barriers, faults
+
+
+def _use_barriers_with_timeouts() -> None:
+  """Multi-host: Orbax's own barriers through JAX's coordination service, which time out
+  and name the late processes, instead of device collectives that wait forever. Orbax
+  reads this from an absl flag, so it is set only once flags are parsed (the CLI)."""
+  if jax.process_count() > 1 and flags.FLAGS.is_parsed():
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
 
 
 class SaveError(RuntimeError):
@@ -24,12 +33,15 @@ class SaveError(RuntimeError):
 class Checkpointer:
   """Keeps the last `keep` checkpoints under `directory`; restores the latest."""
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = False):
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = False,
+               barrier_timeout_s: float = 600):
     self.directory = os.path.abspath(directory)
     self.async_save = async_save
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+    _use_barriers_with_timeouts()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        async_options=ocp.AsyncOptions(timeout_secs=int(barrier_timeout_s)))
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._pending: int | None = None  # a step whose background write may not be committed
 
@@ -83,7 +95,8 @@ class Checkpointer:
     cause = e
     while cause.__cause__ is not None:
       cause = cause.__cause__
-    first = (str(cause).strip().splitlines() or [""])[0][:200]
+    first = (barriers.describe_timeout(str(cause)) or barriers.describe_timeout(str(e))
+             or barriers.first_line(cause))
     committed = [s for s in self._manager.all_steps() if s != step]
     return SaveError(f"saving checkpoint {step} in {self.directory} failed "
                      f"({type(cause).__name__}: {first}); the last committed checkpoint is "

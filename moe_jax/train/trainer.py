@@ -20,7 +20,7 @@ import numpy as np
 
 from moe_jax import models
 from moe_jax import validation as V
-from moe_jax.train import agd, faults
+from moe_jax.train import agd, barriers, faults
 from moe_jax.train.checkpoint import Checkpointer, SaveError
 from moe_jax.config import MoEConfig
 from moe_jax.data import BatchIterator, make_source
@@ -41,6 +41,7 @@ from moe_jax.train.step import (GRAD_FINITE_PREFIX, NONFINITE_POLICIES, MixedTas
 
 log = logging.getLogger("moe_jax.train")
 MODES = ("agd", "mixed")
+BARRIER_TIMEOUT_S = 600  # multi-host: the longest wait for a process at start-up / a save
 
 
 class TrainingError(RuntimeError):
@@ -106,6 +107,7 @@ def check_train_config(config) -> None:
   V.check_int_range("train.eval_batches", tcfg.get("eval_batches", 0), lo=0)
   V.check_choice("train.nonfinite", tcfg.get("nonfinite", "abort"), NONFINITE_POLICIES)
   V.check_int_range("train.max_consecutive_skips", tcfg.get("max_consecutive_skips", 10), lo=0)
+  V.check_positive("train.barrier_timeout_s", tcfg.get("barrier_timeout_s", BARRIER_TIMEOUT_S))
 
 
 def check_vocab(model_cfg: Mapping[str, Any], tasks) -> None:
@@ -213,7 +215,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   the same config and reads its own share of each batch.
   """
   check_train_config(config)  # before any device work
-  initialize_distributed()
+  initialize_distributed(float(config.train.get("barrier_timeout_s", BARRIER_TIMEOUT_S)))
   mesh = mesh_from_config(config.get("mesh"))
   with jax.set_mesh(mesh):  # MoE layers read the expert axis from the mesh in context
     return _train_and_evaluate(config, workdir, mesh)
@@ -245,6 +247,11 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   for it in eval_iters.values():  # a bad eval transform fails now, not after training
     it.batch_at(0)
 
+  # Multi-host: every process has opened its data and runs the same config before the
+  # first collective (a timeout names the processes that did not get here).
+  barrier_timeout = float(tcfg.get("barrier_timeout_s", BARRIER_TIMEOUT_S))
+  barriers.check_same_config(json.dumps(run_record.config_dict(config), sort_keys=True),
+                             barrier_timeout)
   num_steps = int(tcfg.num_steps)
   tx = make_optimizer(config.optimizer, num_steps)
   examples = {t.name: put(train_iters[t.name].batch_at(0)) for t in tasks}
@@ -259,12 +266,14 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
        f"mesh {mesh_str} ({mesh.size} device{'s' if mesh.size > 1 else ''})")
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tcfg.keep_checkpoints),
-                      async_save=bool(tcfg.get("async_checkpoints", False)))
+                      async_save=bool(tcfg.get("async_checkpoints", False)),
+                      barrier_timeout_s=barrier_timeout)
   changes = run_record.record_config(workdir, config, bool(ckpt.latest_step()),
                                      str(tcfg.get("on_config_change", "warn")))
   if changes:
     _say(f"warning: resuming with {len(changes)} changed config field(s): "
          + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else ""))
+  barriers.wait_for_processes("restore", barrier_timeout)
   start, state, data_state = _restore_latest_usable(ckpt, state, workdir)
   if start:  # restored straight into this mesh's layout, whatever mesh wrote it
     for name, it in train_iters.items():
@@ -323,6 +332,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
 
   def save(step: int) -> int:
     """Checkpoints `state` and every task's data position at `step`; returns the step."""
+    barriers.wait_for_processes(f"save-{step}", barrier_timeout)
     ckpt.save(step, state, {n: it.get_state() for n, it in train_iters.items()})
     return step
 
