@@ -11,6 +11,19 @@ from typing import Any
 import numpy as np
 
 
+def _unknown_name(tfds: Any, name: str) -> str | None:
+    """The one-line reason when `name` is neither a TFDS dataset nor one in data_dir."""
+    import difflib  # noqa: PLC0415
+
+    base = name.split("/")[0].split(":")[0]
+    known = tfds.list_builders(with_community_datasets=False)
+    if base in known:
+        return None
+    close = difflib.get_close_matches(base, known, n=3)
+    hint = f" (closest: {', '.join(close)})" if close else ""
+    return f"{base!r} is not a TFDS dataset name{hint}"
+
+
 def _cause(tfds: Any, name: str, data_dir: str | None, error: Exception) -> str:
     """Short reason for a failed load: "not prepared" when that is the case."""
     try:
@@ -39,6 +52,13 @@ class TfdsSource:
             self._ds = tfds.data_source(name, split=split, data_dir=data_dir,
                                         download=False, try_gcs=False)
         except Exception as e:  # noqa: BLE001 -- tfds raises many unrelated types here
+            unknown = _unknown_name(tfds, name)
+            if unknown:  # no dataset of that name in data_dir, and TFDS has none either
+                raise ValueError(
+                    f"TFDS dataset {name!r} (split {split!r}) is not in data_dir={data_dir!r}, "
+                    f"and {unknown}: check the name, or write your own data there "
+                    "(moe_jax.data.tfds_writer, README 'Train on your own TFDS "
+                    "dataset')") from None
             raise ValueError(
                 f"TFDS dataset {name!r} (split {split!r}) cannot be loaded offline from "
                 f"data_dir={data_dir!r} ({_cause(tfds, name, data_dir, e)}); on a machine with "

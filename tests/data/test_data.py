@@ -399,3 +399,12 @@ def test_tfds_unprepared_dataset_fails_fast_offline(tmp_path, monkeypatch):
     assert "\n" not in message and "'mnist'" in message and str(tmp_path) in message
     assert f"tfds build mnist --data_dir={tmp_path}" in message
     assert not attempts
+
+
+def test_a_tfds_name_that_does_not_exist_is_not_told_to_tfds_build(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(ValueError) as info:
+        make_source("tfds:cifar_10:train", data_dir=str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message and "tfds build" not in message
+    assert "'cifar_10' is not a TFDS dataset name (closest: cifar10" in message
