@@ -8,7 +8,12 @@ line, at the next save, at `wait()` or at `close()`.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import sys
+import time
+import traceback
 from typing import Any
 
 import jax
@@ -28,6 +33,47 @@ def _use_barriers_with_timeouts() -> None:
 
 class SaveError(RuntimeError):
   """A checkpoint write failed; the message is one line."""
+
+
+class RestoreError(RuntimeError):
+  """A checkpoint did not restore; the message is one line (the innermost cause)."""
+
+
+def root_message(e: BaseException) -> str:
+  """"Type: first line" of the innermost cause (TensorStore's "OUT_OF_RANGE: ... value of
+  size 1000" rather than Orbax's wrapper that dumps a whole spec)."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  first = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
+  return f"{type(e).__name__}: {first[:300]}"
+
+
+class _stderr_to(contextlib.AbstractContextManager):
+  """Points file descriptor 2 (C++ threads print there) and sys.stderr at `path`; on
+  exit, unless `keep` was set, the text goes on to stderr and the file is removed."""
+
+  def __init__(self, path: str):
+    self.path, self.keep = path, False
+
+  def __enter__(self):
+    sys.stderr.flush()
+    self._saved, self._stderr = os.dup(2), sys.stderr
+    self._file = open(self.path, "w")  # noqa: SIM115 -- closed in __exit__
+    os.dup2(self._file.fileno(), 2)
+    sys.stderr = self._file  # Python-level writes too, wherever sys.stderr pointed (notebooks)
+    return self
+
+  def __exit__(self, *exc):
+    self._file.flush()
+    sys.stderr = self._stderr
+    os.dup2(self._saved, 2)
+    os.close(self._saved)
+    self._file.close()
+    if not self.keep:  # nothing failed: what was printed goes where it was meant to
+      with open(self.path) as f:
+        sys.stderr.write(f.read())
+      os.remove(self.path)
+    return False
 
 
 class Checkpointer:
@@ -102,11 +148,34 @@ class Checkpointer:
                      f"({type(cause).__name__}: {first}); the last committed checkpoint is "
                      f"{max(committed) if committed else 'none'}")
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """The state at `step`, laid out like `abstract_state` (shapes, dtypes, shardings)."""
+  def restore(self, step: int, abstract_state: Any,
+              details_path: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """The state at `step`, laid out like `abstract_state` (shapes, dtypes, shardings).
+
+    A damaged step makes TensorStore's reader threads print hundreds of tracebacks
+    after the error; with `details_path` the process's stderr goes there during the
+    attempt (kept only when it fails) and the raised error is RestoreError, one line."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    out = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                              data=ocp.args.JsonRestore())
+    if details_path is None:
+      out = self._manager.restore(step, args=args)
+      return out["state"], out["data"]
+    failure = None
+    with _stderr_to(details_path) as captured:
+      try:
+        out = self._manager.restore(step, args=args)
+      except Exception as e:  # noqa: BLE001 -- Orbax and tensorstore raise many kinds here
+        traceback.print_exc()  # the whole chain, into the file
+        failure = root_message(e)
+      if failure:
+        # The exception (now dropped) held the abandoned reads: collected here, their
+        # tracebacks go into the file too, not onto the console later.
+        gc.collect()
+        time.sleep(0.2)
+        captured.keep = True
+    if failure:
+      raise RestoreError(failure)
     return out["state"], out["data"]
 
   def close(self) -> None:

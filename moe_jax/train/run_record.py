@@ -1,8 +1,9 @@
 """What a workdir remembers about its runs: the config, what changed on resume, segments.
 
-- `config.json`: the resolved config of the latest segment (written at start); on resume
-  the fields that differ from the previous segment's are listed (a warning, or an error
-  with `train.on_config_change="error"`).
+- `config.json`: the resolved config of the latest segment (written once its checkpoint
+  restored, so a refused resume leaves it as it was); on resume the fields that differ
+  from the previous segment's are listed (a warning, or an error with
+  `train.on_config_change="error"` unless only RUN_CONTROL fields changed).
 - `check_restorable`: a checkpoint whose parameter shapes differ from the model's is one
   line naming the first differing parameter and both shapes (before Orbax tries).
 - `summary.json` keeps every segment of a resumed run (steps, wall time, compiles,
@@ -49,21 +50,35 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
           for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")]
 
 
-def record_config(workdir: str, config, resuming: bool, on_change: str = "warn") -> list[str]:
-  """Writes config.json; when resuming, returns (or raises on) the changed fields."""
+# Fields that steer the run, not what it computes: listed when they change on resume, but
+# never refused by train.on_config_change="error" (switching that mode on is one of them).
+RUN_CONTROL = ("train.on_config_change", "train.log_every", "train.eval_every",
+               "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batches",
+               "train.tensorboard", "train.barrier_timeout_s", "train.async_checkpoints",
+               "train.on_recompile", "train.moe_telemetry", "train.max_consecutive_skips",
+               "data.")
+
+
+def check_config(workdir: str, config, resuming: bool, on_change: str = "warn") -> list[str]:
+  """When resuming, the fields that differ from the workdir's config.json; ValueError with
+  `on_change="error"` when one of them changes what the run computes."""
   path = os.path.join(workdir, CONFIG_FILE)
-  new = config_dict(config)
-  changes: list[str] = []
-  if resuming and os.path.exists(path):
-    with open(path) as f:
-      changes = config_changes(json.load(f), new)
-    if changes and on_change == "error":
-      raise ValueError(f"resuming {workdir} with a changed config ({len(changes)} field(s)): "
-                       + "; ".join(changes[:8]) + " (train.on_config_change=warn to go on)")
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(new, f, indent=1)
+  if not (resuming and os.path.exists(path)):
+    return []
+  with open(path) as f:
+    changes = config_changes(json.load(f), config_dict(config))
+  strict = [c for c in changes if not c.startswith(RUN_CONTROL)]
+  if strict and on_change == "error":
+    raise ValueError(f"resuming {workdir} with a changed config ({len(strict)} field(s)): "
+                     + "; ".join(strict[:8]) + " (train.on_config_change=warn to go on)")
   return changes
+
+
+def write_config(workdir: str, config) -> None:
+  """config.json := this segment's config (once its checkpoint has restored)."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      json.dump(config_dict(config), f, indent=1)
 
 
 def _path_str(path) -> str:
@@ -76,9 +91,10 @@ def _path_str(path) -> str:
 def check_restorable(step_dir: str, state) -> None:
   """One line when the checkpoint's params / router state do not fit `state`'s shapes."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
+  from etils import epath  # noqa: PLC0415
 
-  try:
-    tree = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata
+  try:  # the handler reads the item directory itself (no step-level metadata warning)
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "state")
   except Exception:  # noqa: BLE001 -- unreadable metadata: let the restore itself report
     return
   stored = {_path_str(p): tuple(getattr(m, "shape", ()) or ())

@@ -21,7 +21,7 @@ import numpy as np
 from moe_jax import models
 from moe_jax import validation as V
 from moe_jax.train import agd, barriers, faults
-from moe_jax.train.checkpoint import Checkpointer, SaveError
+from moe_jax.train.checkpoint import Checkpointer, RestoreError, SaveError
 from moe_jax.config import MoEConfig
 from moe_jax.data import BatchIterator, make_source
 from moe_jax.data.transforms import Pipeline
@@ -152,11 +152,13 @@ def _restore_latest_usable(ckpt: Checkpointer, state, workdir: str):
   unreadable: list[tuple[int, str]] = []
   for step in reversed(ckpt.all_steps()):
     run_record.check_restorable(os.path.join(ckpt.directory, str(step)), state)
+    details = os.path.join(workdir, f"restore_error_{step}"
+                           + (f".process{jax.process_index()}" if jax.process_count() > 1 else "")
+                           + ".log")
     try:
-      restored, data_state = ckpt.restore(step, state)
-    except Exception as e:  # noqa: BLE001 -- Orbax and tensorstore raise many kinds here
-      first = (str(e).strip().splitlines() or [""])[0][:200]
-      unreadable.append((step, f"{type(e).__name__}: {first}"))
+      restored, data_state = ckpt.restore(step, state, details_path=details)
+    except RestoreError as e:
+      unreadable.append((step, f"{e}; details in {details}"))
       continue
     # Only once an older step restored are the newer, unreadable ones set aside (so that a
     # later save of the same step number can happen); nothing moves when none restores.
@@ -268,13 +270,14 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tcfg.keep_checkpoints),
                       async_save=bool(tcfg.get("async_checkpoints", False)),
                       barrier_timeout_s=barrier_timeout)
-  changes = run_record.record_config(workdir, config, bool(ckpt.latest_step()),
-                                     str(tcfg.get("on_config_change", "warn")))
+  changes = run_record.check_config(workdir, config, bool(ckpt.latest_step()),
+                                    str(tcfg.get("on_config_change", "warn")))
   if changes:
     _say(f"warning: resuming with {len(changes)} changed config field(s): "
          + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else ""))
   barriers.wait_for_processes("restore", barrier_timeout)
   start, state, data_state = _restore_latest_usable(ckpt, state, workdir)
+  run_record.write_config(workdir, config)
   if start:  # restored straight into this mesh's layout, whatever mesh wrote it
     for name, it in train_iters.items():
       it.set_state(data_state[name])

@@ -400,21 +400,26 @@ def test_resume_names_a_changed_parameter_shape_and_lists_changed_fields(tmp_pat
   out = capsys.readouterr().out
   assert "warning: resuming with 2 changed config field(s): optimizer.learning_rate: " in out
   assert "train.num_steps: 2 -> 4" in out
-  # ...or stops, by config.
-  c.train.num_steps, c.train.on_config_change = 6, "error"
-  with pytest.raises(ValueError, match=r"resuming .* with a changed config \(2 field\(s\)\): "
-                                       r"train.num_steps: 4 -> 6"):
+  # Switching strict mode on (a run-control field, like log_every) is not itself refused...
+  c.train.on_config_change, c.train.log_every = "error", 2
+  train_and_evaluate(c, str(tmp_path))
+  # ...but then a change of what the run computes stops it.
+  c.train.num_steps = 6
+  with pytest.raises(ValueError, match=r"resuming .* with a changed config \(1 field\(s\)\): "
+                                       r"train.num_steps: 4 -> 6 \(train.on_config_change=warn"):
     train_and_evaluate(c, str(tmp_path))
-  # Half the experts: one line naming the parameter and both shapes, not Orbax's error.
+  # Half the experts: one line naming the parameter and both shapes, not Orbax's error;
+  # config.json still holds the config that wrote the checkpoint.
   c.train.on_config_change = "warn"
   c.model.moe.num_experts = 4
   with pytest.raises(ValueError, match=r"checkpoint 4 does not fit this model: params/decoder/"
                                        r"\S+ has shape \(8, 256, 128\) there and \(4, 256, 128\) now"):
     train_and_evaluate(c, str(tmp_path))
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["moe"]["num_experts"] == 8
 
 
 @pytest.mark.parametrize("damage", ["truncate the array data", "empty _METADATA"])
-def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys,
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capfd,
                                                                          damage):
   c = lm_tiny.get_config("smoke")
   c.train.update(num_steps=4, log_every=2, eval_every=4, checkpoint_every=2, tensorboard=False)
@@ -426,12 +431,15 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path
     for path in glob.glob(str(step4 / "**" / "d" / "*"), recursive=True):
       with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-  capsys.readouterr()
+  capfd.readouterr()
   c.train.num_steps = 6
   summary = train_and_evaluate(c, str(tmp_path))
-  out = capsys.readouterr().out
-  assert re.search(r"warning: checkpoint 4 is unreadable \(\w+: .*\); moved to \S+/4"
-                   r"\.unreadable, resuming from 2", out), out
+  out, err = capfd.readouterr()
+  assert re.search(r"warning: checkpoint 4 is unreadable \(\w+: .*; details in \S+/restore_"
+                   r"error_4.log\); moved to \S+/4\.unreadable, resuming from 2", out), out
+  # TensorStore's reader threads' tracebacks went into that file, not onto the console.
+  assert "Traceback" not in out + err and "Exception ignored" not in out + err
+  assert "Traceback" in (tmp_path / "restore_error_4.log").read_text()
   assert summary["resumed_from"] == 2 and summary["final_step"] == 6
   # 4 set aside, then 4 and 6 saved anew (keep 2: step 2 went)
   assert set(os.listdir(tmp_path / "checkpoints")) == {"4.unreadable", "4", "6"}
