@@ -29,6 +29,14 @@ def _load_config(argv: list[str]):
   return module.get_config(arg) if arg else module.get_config()
 
 
+def _key_paths(node, prefix: str = ""):
+  """Every dotted key path of a config ("model.moe.router.k", ...)."""
+  for key, value in node.items():
+    yield f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      yield from _key_paths(value, f"{prefix}{key}.")
+
+
 def explain_override_error(argv: list[str], error: Exception) -> str:
   """Names the first unknown override key and lists the valid keys at that level."""
   try:
@@ -41,11 +49,16 @@ def explain_override_error(argv: list[str], error: Exception) -> str:
       continue
     node, walked = config, []
     for key in m.group(1).split("."):
-      if not isinstance(node, (ml_collections.ConfigDict, dict)) or key not in node:
-        valid = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
-        where = "config" + "".join(f".{w}" for w in walked)
+      where = "config" + "".join(f".{w}" for w in walked)
+      if not isinstance(node, (ml_collections.ConfigDict, dict)):
+        return (f"--config.{m.group(1)}: {where} is the value {node!r}, not a group of keys, "
+                f"so it has no {key!r}")
+      if key not in node:
+        valid = sorted(node.keys())
         close = difflib.get_close_matches(key, valid, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        elsewhere = [p for p in _key_paths(config) if p.endswith(f".{key}")][:3]
+        hint = (f"did you mean {close[0]!r}? " if close else
+                f"it is at {' or '.join('--config.' + p for p in elsewhere)}; " if elsewhere else "")
         return (f"unknown config key {key!r} in --config.{m.group(1)}; {hint}valid keys of "
                 f"{where}: {', '.join(valid)}")
       walked.append(key)

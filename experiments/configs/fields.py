@@ -2,8 +2,9 @@
 
 ml_collections configs are locked: `--config.a.b=v` works only for keys the file
 lists. `expose_fields(c)` adds each field of the model's config (IMPConfig / LMConfig),
-its TransformerConfig and, when the model has MoE layers, MoEConfig, at its default (a
-typed placeholder when the default is None), so `--config.model.moe.group_size=64` or
+its TransformerConfig and, when the model has MoE layers, MoEConfig and the router's
+options, at its default (a typed placeholder when the default is None), so
+`--config.model.moe.group_size=64`, `--config.model.moe.router.jitter=0.01` or
 `--config.model.remat=True` works on every shipped config without editing it.
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ from ml_collections import config_dict
 
 from moe_jax.config import MoEConfig, TransformerConfig
 from moe_jax.models import MODELS
+from moe_jax.nn.routing import ROUTERS, RouterSpec
+from moe_jax.nn.routing.base import router_options
 
 _SKIP = {"moe", "encoder", "decoder"}
 
@@ -62,11 +65,38 @@ def _add_defaults(node, cls) -> None:
       node[field.name] = default
 
 
+def _expose_router(moe) -> None:
+  """model.moe.router as dict(name=..., every option of that router at its default), so
+  `--config.model.moe.router.jitter=0.01` works whatever the file wrote (a bare name
+  included)."""
+  router = moe.get("router", "top_k")
+  spec = RouterSpec.parse(router)
+  node = config_dict.ConfigDict(dict(name=spec.name, **spec.kwargs()))
+  router_cls = ROUTERS.get(spec.name)
+  for name in router_options(router_cls):
+    if name not in node:
+      field = next(f for f in dataclasses.fields(router_cls) if f.name == name)
+      if field.default is not dataclasses.MISSING and field.default is not None:
+        node[name] = field.default
+  if isinstance(router, str):  # a typed field: a string cannot become a dict in place
+    del moe["router"]
+  moe.router = node
+
+
 def expose_fields(c) -> None:
-  """Adds the missing model, stack and MoE fields of `c` (in place) at their defaults."""
+  """Adds the missing model, stack, MoE and router fields of `c` (in place) at their
+  defaults, and `source_args.data_dir` to every task (unset: not passed to the source),
+  so `--config.tasks.image_cls.source=tfds:NAME --config.tasks.image_cls.source_args.
+  data_dir=DIR` works."""
+  for task in c.get("tasks", {}).values():
+    if "source_args" not in task:
+      task.source_args = config_dict.ConfigDict()
+    if "data_dir" not in task.source_args:
+      task.source_args.data_dir = config_dict.placeholder(str)
   model = c.model
   _, config_cls, _ = MODELS[model.get("name", "imp")]
   _add_defaults(model, config_cls)
   _add_defaults(model, TransformerConfig)
   if model.get("moe"):
     _add_defaults(model.moe, MoEConfig)
+    _expose_router(model.moe)

@@ -19,8 +19,8 @@ from experiments.configs.fields import LOADER, RUN_POLICIES, expose_fields
 
 # Every MoE layer routes each token to K=2 experts of width 256: 512 active hidden
 # units, the dense FFN width (mlp_dim) used everywhere in lm_tiny_dense.
-# Every top_k option is listed so that each can be overridden on the command line
-# (--config.model.moe.router.score=sigmoid).
+# The top_k options this file sets; expose_fields adds the router's others at their
+# defaults, so each can be overridden (--config.model.moe.router.jitter=0.01).
 ROUTER = dict(name="top_k", k=2, score="softmax", renormalize=True, routed_scaling_factor=1.0,
               n_group=1, topk_group=1, bias_update_rate=0.0, balance_count="slots",
               balance_scope="batch")

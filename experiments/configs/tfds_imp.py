@@ -29,6 +29,7 @@ Every field below can be overridden, e.g.
 import ml_collections
 
 from experiments.configs import imp_tiny
+from experiments.configs.fields import expose_fields
 
 _DEFAULTS = dict(image="", audio="", text="", data_dir="", train_split="train",
                  eval_split="test", size="32", sample_rate="16000", steps="2000", batch="32",
@@ -92,6 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                              source_args=source_args("text"), transforms="tokenize(length=128)",
                              **common)
   c.tasks = tasks
+  expose_fields(c)  # the new tasks' source_args.data_dir too
   c.train.num_steps = int(o["steps"])
   c.train.eval_every = max(1, int(o["steps"]) // 2)
   c.train.checkpoint_every = max(1, min(500, int(o["steps"])))

@@ -7,6 +7,8 @@ arrays`) with `class_names`, `num_classes`, `modalities` and, for embedded ones,
 """
 from __future__ import annotations
 
+import inspect
+
 from typing import Any
 
 import numpy as np
@@ -79,4 +81,10 @@ def make_source(spec: str, **kwargs: Any):
     split = split or "train"
     if split not in cls.splits:
         raise ValueError(f"source {name!r} has no split {split!r}; valid splits: {list(cls.splits)}")
+    params = inspect.signature(cls).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        options = [p for p in params if p != "split"]
+        raise ValueError(f"source {name!r} (embedded) takes no {', '.join(unknown)}; its options: "
+                         f"{', '.join(options) or 'none'}")
     return cls(split, **kwargs)

@@ -52,16 +52,17 @@ class TfdsSource:
             self._ds = tfds.data_source(name, split=split, data_dir=data_dir,
                                         download=False, try_gcs=False)
         except Exception as e:  # noqa: BLE001 -- tfds raises many unrelated types here
+            where = data_dir or f"{tfds.core.constants.DATA_DIR} (the TFDS default)"
             unknown = _unknown_name(tfds, name)
             if unknown:  # no dataset of that name in data_dir, and TFDS has none either
                 raise ValueError(
-                    f"TFDS dataset {name!r} (split {split!r}) is not in data_dir={data_dir!r}, "
+                    f"TFDS dataset {name!r} (split {split!r}) is not in data_dir={where}, "
                     f"and {unknown}: check the name, or write your own data there "
                     "(moe_jax.data.tfds_writer, README 'Train on your own TFDS "
                     "dataset')") from None
             raise ValueError(
                 f"TFDS dataset {name!r} (split {split!r}) cannot be loaded offline from "
-                f"data_dir={data_dir!r} ({_cause(tfds, name, data_dir, e)}); on a machine with "
+                f"data_dir={where} ({_cause(tfds, name, data_dir, e)}); on a machine with "
                 f"network run `tfds build {name} --data_dir={data_dir or tfds.core.constants.DATA_DIR} "
                 f"--file_format=array_record` and copy the directory here") from None
         features = self._ds.dataset_info.features

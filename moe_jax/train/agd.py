@@ -133,8 +133,9 @@ def tasks_from_config(tasks_cfg: Mapping[str, Mapping[str, Any]],
         except (ValueError, ImportError) as e:
           raise ValueError(f"config.tasks.{name}.{key}: {e}") from None
     for key in ("drop_rates", "source_args"):
-      if key in raw:  # hashable, since Task is a static jit argument
-        raw[key] = tuple(sorted((k, _freeze(v)) for k, v in dict(raw[key]).items()))
+      if key in raw:  # hashable, since Task is a static jit argument; None: not set
+        raw[key] = tuple(sorted((k, _freeze(v)) for k, v in dict(raw[key]).items()
+                                if v is not None))
     if "source" not in raw:
       raise ValueError(f"config.tasks.{name} has no 'source'")
     if describe_source is not None and raw.get("kind") in ("classify", "contrastive"):

@@ -435,6 +435,8 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
                      after_batch=lambda: faults.at("eval", num_steps))
   faults.at("finish")
   summary = write_segment("finished", num_steps)
-  _say(f"done in {format_duration(summary['wall_time_s'])}; compile seconds per task: "
-       + ", ".join(f"{k}={v:.1f}" for k, v in step_cache.compile_seconds.items()))
+  compiled = ", ".join(f"{k}={v:.1f}" for k, v in step_cache.compile_seconds.items())
+  _say(f"done in {format_duration(summary['wall_time_s'])}; " + (
+      f"compile seconds per task: {compiled}" if compiled else
+      f"no step left to train (the checkpoint is at step {num_steps}): evaluated only"))
   return summary

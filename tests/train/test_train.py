@@ -487,6 +487,15 @@ def test_every_model_stack_and_moe_field_is_in_every_shipped_config():
       missing = {f.name for f in dataclasses.fields(cls)} - {"moe", "encoder", "decoder"} - set(
           node.keys())
       assert not missing, (c.model.name, cls.__name__, missing)
+    if c.model.moe:  # the router too, as a dict of all its options
+      from moe_jax.nn.routing import ROUTERS
+      from moe_jax.nn.routing.base import router_options
+      router_cls = ROUTERS.get(c.model.moe.router.name)
+      missing = {o for o in router_options(router_cls)
+                 if getattr(next(f for f in dataclasses.fields(router_cls) if f.name == o),
+                            "default", None) is not None} - set(c.model.moe.router.keys())
+      assert not missing, (c.model.name, router_cls.__name__, missing)
+    assert all("data_dir" in t.source_args for t in c.tasks.values())
 
 
 def test_fields_the_file_leaves_out_override_from_the_command_line(tmp_path):
@@ -495,10 +504,23 @@ def test_fields_the_file_leaves_out_override_from_the_command_line(tmp_path):
   result = _cli("--config=experiments/configs/imp_tiny.py", "--config.model.head_dim=8",
                 "--config.model.moe.group_size=64", "--config.model.remat=True",
                 "--config.model.moe.num_shared_experts=1", "--config.train.num_steps=0",
+                "--config.model.moe.router.jitter=0.01",  # the file names the router only
+                "--config.tasks.image_cls.source_args.data_dir=/data/tfds",
                 f"--workdir={tmp_path}")
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
       "error: train.num_steps=0 is out of range; allowed: 1 <= train.num_steps <= inf")
+  # A key at the wrong level names where it is; a value is not a group of keys.
+  wrong = _cli("--config=experiments/configs/lm_tiny.py:smoke", "--config.model.moe.k=4",
+               f"--workdir={tmp_path}")
+  assert wrong.stderr.strip().splitlines()[-1].startswith(
+      "error: unknown config key 'k' in --config.model.moe.k; it is at "
+      "--config.model.moe.router.k; valid keys of config.model.moe: ")
+  value = _cli("--config=experiments/configs/lm_tiny.py:smoke", "--config.model.name.x=1",
+               f"--workdir={tmp_path}")
+  assert value.stderr.strip().splitlines()[-1] == (
+      "error: --config.model.name.x: config.model.name is the value 'lm', not a group of "
+      "keys, so it has no 'x'")
 
 
 def test_config_help_and_config_file_errors_are_one_line(tmp_path):
