@@ -37,6 +37,7 @@ LEGEND = {
     "J": "rows gathered per output row (permute kernel)",
     "P": "patch features (tokenizers)",
     "Z": "the q/k/v index in attention einsums (`3` in w_qkv_D3HQ)",
+    "Y": "key/value heads (grouped-query attention; Y divides H)",
 }
 # Digits in a suffix index a stacked axis of that size (w_qkv_D3HQ: q, k, v).
 _SUFFIX = re.compile(r"_([A-Z0-9]+)$")

@@ -14,6 +14,7 @@ from typing import Any
 from moe_jax import validation as V
 
 ACTIVATIONS = ("swiglu", "gelu")
+QK_NORMS = ("none", "head", "full")
 EXPERT_PARALLEL_MODES = ("auto", "capacity", "dropless")
 # Options that were MoEConfig fields before routers carried their own (0.2.0).
 _MOVED_TO_ROUTER = ("k", "renormalize", "batch_priority", "jitter", "fused_router")
@@ -48,6 +49,8 @@ class MoEConfig:
       one-hot dispatch cost linear in the batch.
     num_shared_experts: always-on FFNs added to the routed output.
     shared_hidden_dim: hidden width of each shared expert; None means F.
+    shared_expert_gate: scale the shared experts' output per token by
+      sigmoid(x @ w_D1), as Qwen2-MoE does.
     load_balance_weight: weight of the Switch load-balancing loss.
     z_loss_weight: weight of the router z-loss.
     expert_parallel: how tokens travel when the mesh in context (jax.set_mesh) has
@@ -71,6 +74,7 @@ class MoEConfig:
   sequence_groups: bool = False
   num_shared_experts: int = 0
   shared_hidden_dim: int | None = None
+  shared_expert_gate: bool = False
   load_balance_weight: float = 1e-2
   z_loss_weight: float = 1e-3
   expert_parallel: str = "auto"
@@ -140,6 +144,9 @@ class TransformerConfig:
   causal: bool = False  # decoder (causal mask + RoPE) or encoder
   rope: bool | None = None  # None: RoPE iff causal
   rope_max_wavelength: float = 10_000.0
+  num_kv_heads: int | None = None  # grouped-query attention: J key/value heads; None: H
+  qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+  qk_norm: str = "none"  # RMSNorm of q and k: "head" (per head: Qwen3), "full" (OLMoE)
   dropout_rate: float = 0.0
   moe: MoEConfig | None = None
   moe_every: int | None = None
@@ -161,6 +168,12 @@ class TransformerConfig:
       V.check_int_range("head_dim", self.head_dim, lo=1)
     if self.uses_rope and self.resolved_head_dim % 2:
       raise ValueError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
+    if self.num_kv_heads is not None:
+      V.check_int_range("num_kv_heads", self.num_kv_heads, lo=1)
+      if self.num_heads % self.num_kv_heads:
+        raise ValueError(f"num_heads={self.num_heads} is not divisible by "
+                         f"num_kv_heads={self.num_kv_heads}")
+    V.check_choice("qk_norm", self.qk_norm, QK_NORMS)
     V.check_int_range("mlp_dim", self.mlp_dim, lo=1)
     V.check_choice("activation", self.activation, ACTIVATIONS)
     V.check_fraction("dropout_rate", self.dropout_rate)

@@ -26,6 +26,8 @@ from moe_jax.nn.transformer import TransformerStack
 class LMConfig:
   decoder: TransformerConfig
   vocab_size: int = ByteTokenizer.vocab_size
+  lm_head_bias: bool = True  # imported checkpoints (Mixtral, Qwen, OLMoE) have none
+  tie_embeddings: bool = False  # logits from the embedding matrix (no lm_head)
 
 
 class DecoderLM(nn.Module):
@@ -34,6 +36,24 @@ class DecoderLM(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
+  def logits(self, tokens_BS: jax.Array, *, positions_BS: jax.Array | None = None,
+             mask_BS: jax.Array | None = None, deterministic: bool = True,
+             task_id: int = 0) -> jax.Array:
+    """Next-token logits [B, S, V] for int32 tokens [B, S] (positions 0.. unless given;
+    `mask_BS` False marks padding keys)."""
+    cfg = self.config
+    embed = nn.Embed(cfg.vocab_size, cfg.decoder.d_model, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="embedding")
+    context = Context.for_batch(tokens_BS.shape[0], task_id=task_id,
+                                modality_id=MODALITIES.index("tokens"))
+    h_BSD = TransformerStack(cfg.decoder, self.dtype, self.param_dtype, name="decoder")(
+        embed(tokens_BS), mask_BS=mask_BS, positions_BS=positions_BS, context=context,
+        deterministic=deterministic)
+    if cfg.tie_embeddings:
+      return embed.attend(h_BSD)
+    return nn.Dense(cfg.vocab_size, use_bias=cfg.lm_head_bias, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="lm_head")(h_BSD)
+
   def __call__(self, batch: dict[str, jax.Array], *, task: Task, deterministic: bool = True,
                zero_shot: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     del zero_shot
@@ -45,14 +65,7 @@ class DecoderLM(nn.Module):
                        f"{task.name!r} of kind {task.kind!r} with keys {sorted(batch)}")
     tokens = batch["tokens"]
     inputs_BS, targets_BS = tokens[:, :-1], tokens[:, 1:]
-    x_BSD = nn.Embed(cfg.vocab_size, cfg.decoder.d_model, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="embedding")(inputs_BS)
-    context = Context.for_batch(tokens.shape[0], task_id=task.task_id,
-                                modality_id=MODALITIES.index("tokens"))
-    h_BSD = TransformerStack(cfg.decoder, self.dtype, self.param_dtype, name="decoder")(
-        x_BSD, context=context, deterministic=deterministic)
-    logits_BSV = nn.Dense(cfg.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name="lm_head")(h_BSD)
+    logits_BSV = self.logits(inputs_BS, deterministic=deterministic, task_id=task.task_id)
     weights = (targets_BS != 0).astype(jnp.float32)  # 0 is padding
     if VALID in batch:  # eval fill of the last batch
       weights = weights * batch[VALID].astype(jnp.float32)[:, None]

@@ -41,7 +41,9 @@ class Block(nn.Module):
                                    name=name)
     drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
     h = SelfAttention(cfg.num_heads, cfg.resolved_head_dim, causal=cfg.causal, rope=cfg.uses_rope,
-                      rope_max_wavelength=cfg.rope_max_wavelength, dtype=self.dtype,
+                      rope_max_wavelength=cfg.rope_max_wavelength,
+                      num_kv_heads=cfg.num_kv_heads, qkv_bias=cfg.qkv_bias,
+                      qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, dtype=self.dtype,
                       param_dtype=self.param_dtype, name="attention")(
                           norm("attention_norm")(x_BSD), mask_BS=mask_BS,
                           positions_BS=positions_BS)

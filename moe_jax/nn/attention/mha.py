@@ -25,33 +25,76 @@ def apply_rope(x_BSHQ: jax.Array, positions_BS: jax.Array,
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention; causal for decoders, key-padding mask optional."""
+  """Multi-head self-attention; causal for decoders, key-padding mask optional.
+
+  One fused q/k/v projection (w_qkv_D3HQ) by default. Grouped-query attention
+  (`num_kv_heads` Y < H, as Mixtral / Qwen3-MoE), q/k/v biases (Qwen2) or q/k RMSNorm
+  (`qk_norm`: "head" normalises each head's Q features as Qwen3 does, "full" all heads'
+  features at once as OLMoE does) use separate projections w_q_DHQ, w_k_DYQ, w_v_DYQ.
+  """
 
   num_heads: int
   head_dim: int
   causal: bool = False
   rope: bool = False
   rope_max_wavelength: float = 10_000.0
+  num_kv_heads: int | None = None
+  qkv_bias: bool = False
+  qk_norm: str = "none"
+  norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  @property
+  def fused(self) -> bool:
+    return self.num_kv_heads is None and not self.qkv_bias and self.qk_norm == "none"
 
   @nn.compact
   def __call__(self, x_BSD: jax.Array, *, mask_BS: jax.Array | None = None,
                positions_BS: jax.Array | None = None) -> jax.Array:
     B, S, D = x_BSD.shape
     H, Q = self.num_heads, self.head_dim
+    x_BSD = x_BSD.astype(self.dtype)
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                             in_axis=0, out_axis=(1, 2))
-    w_qkv = self.param("w_qkv_D3HQ", init, (D, 3, H, Q), self.param_dtype).astype(self.dtype)
-    q, k, v = jnp.unstack(jnp.einsum("BSD,DZHQ->ZBSHQ", x_BSD.astype(self.dtype), w_qkv))
+    if self.fused:
+      w_qkv = self.param("w_qkv_D3HQ", init, (D, 3, H, Q), self.param_dtype).astype(self.dtype)
+      q, k, v = jnp.unstack(jnp.einsum("BSD,DZHQ->ZBSHQ", x_BSD, w_qkv))
+    else:
+      q, k, v = self._project_separately(x_BSD, init)
     if self.rope:
       if positions_BS is None:
         positions_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
       q = apply_rope(q, positions_BS, self.rope_max_wavelength)
       k = apply_rope(k, positions_BS, self.rope_max_wavelength)
     mask = None if mask_BS is None else mask_BS[:, None, None, :].astype(bool)
+    # Fewer key/value heads than query heads: dot_product_attention shares each across
+    # H / Y query heads.
     o_BSHQ = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
     out_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                 in_axis=(0, 1), out_axis=2)
     w_out = self.param("w_out_HQD", out_init, (H, Q, D), self.param_dtype).astype(self.dtype)
     return jnp.einsum("BSHQ,HQD->BSD", o_BSHQ, w_out)
+
+  def _project_separately(self, x_BSD, init):
+    D, H, Q = x_BSD.shape[-1], self.num_heads, self.head_dim
+    Y = self.num_kv_heads or H
+    w = lambda name, heads: self.param(name, init, (D, heads, Q), self.param_dtype).astype(
+        self.dtype)
+    q = jnp.einsum("BSD,DHQ->BSHQ", x_BSD, w("w_q_DHQ", H))
+    k = jnp.einsum("BSD,DYQ->BSYQ", x_BSD, w("w_k_DYQ", Y))
+    v = jnp.einsum("BSD,DYQ->BSYQ", x_BSD, w("w_v_DYQ", Y))
+    if self.qkv_bias:
+      b = lambda name, heads: self.param(name, nn.initializers.zeros_init(), (heads, Q),
+                                         self.param_dtype).astype(self.dtype)
+      q, k, v = (q + b("b_q_HQ", H)[None, None], k + b("b_k_YQ", Y)[None, None],
+                 v + b("b_v_YQ", Y)[None, None])
+    if self.qk_norm != "none":
+      norm = lambda name: nn.RMSNorm(self.norm_eps, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
+      if self.qk_norm == "head":
+        q, k = norm("q_norm")(q), norm("k_norm")(k)
+      else:  # "full": over every head's features together
+        q = norm("q_norm")(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+        k = norm("k_norm")(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
+    return q, k, v

@@ -102,8 +102,13 @@ class MoELayer(nn.Module):
       kept_TK = dispatch_metrics.get("kept_TK", valid_TK)  # dropless: every valid slot
     if cfg.num_shared_experts:
       shared_F = (cfg.shared_hidden_dim or cfg.expert_hidden_dim) * cfg.num_shared_experts
-      y_TD = y_TD + FeedForward(shared_F, cfg.activation, self.dtype, self.param_dtype,
-                                name="shared_experts")(x_TD)
+      shared_TD = FeedForward(shared_F, cfg.activation, self.dtype, self.param_dtype,
+                              name="shared_experts")(x_TD)
+      if cfg.shared_expert_gate:  # Qwen2-MoE: a per-token sigmoid gate on the shared path
+        w_D1 = self.param("shared_gate_w_D1", nn.initializers.zeros_init(),
+                          (x_TD.shape[-1], 1), self.param_dtype)
+        shared_TD = shared_TD * jax.nn.sigmoid(x_TD @ w_D1.astype(self.dtype))
+      y_TD = y_TD + shared_TD
     metrics = dict(decision.aux)
     metrics.pop("dropped_fraction")  # the router's own view; the two below are explicit
     metrics.update(drop_metrics(decision, kept_TK & valid_TK, cfg.num_experts,

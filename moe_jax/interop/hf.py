@@ -1,0 +1,151 @@
+"""Hugging Face checkpoints in and out: config.json + safetensors <-> moe_jax params.
+
+`load_hf(directory)` -> (model config dict, params): every tensor the family's map
+names must be there with the right shape, and every tensor in the files must be used
+(missing, extra or misshapen tensors are one-line errors naming them: never a partial
+model). `save_hf(model, params, directory, hf_config)` writes them back; import ->
+export -> import is exact.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from moe_jax.interop import hf_families as fams
+from moe_jax.interop.safetensors_io import TensorReader, write_tensors
+
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # BF16: via ml_dtypes
+
+
+def read_hf_config(directory: str) -> dict[str, Any]:
+  path = os.path.join(directory, "config.json")
+  if not os.path.isdir(directory):
+    raise ValueError(f"{directory} is not a directory")
+  if not os.path.exists(path):
+    raise ValueError(f"{directory} has no config.json (a Hugging Face checkpoint directory "
+                     "holds config.json and *.safetensors)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _to_ours(kind: str, a: np.ndarray, heads: int) -> np.ndarray:
+  if kind == "copy":
+    return a
+  if kind == "linear":
+    return a.T
+  if kind == "heads_in":
+    return a.T.reshape(a.shape[1], heads, -1)
+  if kind == "heads_out":
+    return a.T.reshape(heads, -1, a.shape[0])
+  if kind == "heads_bias":
+    return a.reshape(heads, -1)
+  raise ValueError(kind)
+
+
+def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind == "copy":
+    return x
+  if kind == "linear":
+    return x.T
+  if kind == "heads_in":  # [D, heads, Q] -> [heads*Q, D]
+    return x.reshape(x.shape[0], -1).T
+  if kind == "heads_out":  # [H, Q, D] -> [D, H*Q]
+    return x.reshape(-1, x.shape[-1]).T
+  if kind == "heads_bias":
+    return x.reshape(-1)
+  raise ValueError(kind)
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def expected_shapes(model: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """The moe_jax parameter shapes of `model` (built abstractly, no weights)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from moe_jax.models import build_model  # noqa: PLC0415
+
+  module = build_model(model)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0),
+                                              jnp.zeros((1, 2), jnp.int32),
+                                              method=module.logits))["params"]
+  return {tuple(getattr(k, "key", k) for k in path): tuple(x.shape)
+          for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+
+
+def load_hf(directory: str, place=None) -> tuple[dict[str, Any], dict]:
+  """(moe_jax model config, params) from a Hugging Face MoE checkpoint directory.
+
+  `place(path, numpy array) -> array` puts each parameter where it belongs (e.g. straight
+  into a mesh sharding); default: keep numpy."""
+  hf = read_hf_config(directory)
+  model = fams.model_config(hf)
+  reader = TensorReader(directory)
+  wanted = fams.entries(hf, model)
+  shapes = expected_shapes(model)
+  mapped = {p for e in wanted for p in [e.path]}
+  unmapped = sorted("/".join(p) for p in set(shapes) - mapped)
+  if unmapped:  # a bug in the family map, not in the checkpoint
+    raise AssertionError(f"the {hf['model_type']} map misses parameters {unmapped}")
+  names = reader.names()
+  needed = [n for e in wanted for n in e.hf]
+  missing = [n for n in needed if n not in names]
+  if missing:
+    raise ValueError(f"{directory}: tensor {missing[0]} is missing ({len(missing)} missing in "
+                     "all); nothing was loaded")
+  extra = sorted(names - set(needed))
+  if extra:
+    raise ValueError(f"{directory}: tensor {extra[0]} is not used by the {hf['model_type']} "
+                     f"model ({len(extra)} unused in all); nothing was loaded")
+  for name in needed:
+    dtype = reader.dtype(name)
+    if dtype not in DTYPES:
+      raise ValueError(f"{directory}: tensor {name} has dtype {dtype}; supported: "
+                       f"{', '.join(DTYPES)}")
+  params: dict = {}
+  for e in wanted:
+    arrays = [_to_ours(e.kind, _as_float32(reader.get(n)), e.heads) for n in e.hf]
+    value = np.stack(arrays) if e.stacked else arrays[0]
+    if value.shape != shapes[e.path]:
+      raise ValueError(f"{directory}: tensor {e.hf[0]} gives {'/'.join(e.path)} the shape "
+                       f"{value.shape}, but the config needs {shapes[e.path]}")
+    _set(params, e.path, place(e.path, value) if place else value)
+  return model, params
+
+
+def _as_float32(a: np.ndarray) -> np.ndarray:
+  return np.asarray(a, dtype=np.float32)
+
+
+def save_hf(model: Mapping[str, Any], params: Mapping, directory: str,
+            hf_config: Mapping[str, Any], max_shard_bytes: int = 2 * 1024**3) -> list[str]:
+  """Writes config.json (`hf_config`, the imported one) and safetensors of `params`.
+
+  Arrays sharded over a mesh are gathered one parameter at a time (jax.device_get)."""
+  import jax  # noqa: PLC0415
+
+  tensors: dict[str, np.ndarray] = {}
+  for e in fams.entries(hf_config, model):
+    value = np.asarray(jax.device_get(_get(params, e.path)), dtype=np.float32)
+    parts = list(value) if e.stacked else [value]
+    for name, part in zip(e.hf, parts):
+      tensors[name] = _to_hf(e.kind, part)
+  os.makedirs(directory, exist_ok=True)
+  files = write_tensors(directory, tensors, max_shard_bytes)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(dict(hf_config), f, indent=1)
+  return files + ["config.json"]
