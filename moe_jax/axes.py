@@ -38,7 +38,8 @@ LEGEND = {
     "P": "patch features (tokenizers)",
     "Z": "the q/k/v index in attention einsums (`3` in w_qkv_D3HQ)",
     "Y": "key/value heads (grouped-query attention; Y divides H)",
-}
+}  # All 26 capitals now have a meaning: a new axis takes a letter a module does not use
+# and says so in its docstring (e.g. J is the permute kernel's; LoRA's rank may use it).
 # Digits in a suffix index a stacked axis of that size (w_qkv_D3HQ: q, k, v).
 _SUFFIX = re.compile(r"_([A-Z0-9]+)$")
 

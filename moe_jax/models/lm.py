@@ -38,9 +38,10 @@ class DecoderLM(nn.Module):
   @nn.compact
   def logits(self, tokens_BS: jax.Array, *, positions_BS: jax.Array | None = None,
              mask_BS: jax.Array | None = None, deterministic: bool = True,
-             task_id: int = 0) -> jax.Array:
+             task_id: int = 0, decode: bool = False) -> jax.Array:
     """Next-token logits [B, S, V] for int32 tokens [B, S] (positions 0.. unless given;
-    `mask_BS` False marks padding keys)."""
+    `mask_BS` False marks padding keys). `decode`: attend over and extend the KV cache
+    (mutable "cache" collection; moe_jax/inference/cache.py)."""
     cfg = self.config
     embed = nn.Embed(cfg.vocab_size, cfg.decoder.d_model, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="embedding")
@@ -48,7 +49,7 @@ class DecoderLM(nn.Module):
                                 modality_id=MODALITIES.index("tokens"))
     h_BSD = TransformerStack(cfg.decoder, self.dtype, self.param_dtype, name="decoder")(
         embed(tokens_BS), mask_BS=mask_BS, positions_BS=positions_BS, context=context,
-        deterministic=deterministic)
+        deterministic=deterministic, decode=decode)
     if cfg.tie_embeddings:
       return embed.attend(h_BSD)
     return nn.Dense(cfg.vocab_size, use_bias=cfg.lm_head_bias, dtype=self.dtype,

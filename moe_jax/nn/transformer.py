@@ -29,6 +29,7 @@ class Block(nn.Module):
   config: TransformerConfig
   use_moe: bool = False
   deterministic: bool = True
+  decode: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -43,7 +44,8 @@ class Block(nn.Module):
     h = SelfAttention(cfg.num_heads, cfg.resolved_head_dim, causal=cfg.causal, rope=cfg.uses_rope,
                       rope_max_wavelength=cfg.rope_max_wavelength,
                       num_kv_heads=cfg.num_kv_heads, qkv_bias=cfg.qkv_bias,
-                      qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, dtype=self.dtype,
+                      qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, decode=self.decode,
+                      dtype=self.dtype,
                       param_dtype=self.param_dtype, name="attention")(
                           norm("attention_norm")(x_BSD), mask_BS=mask_BS,
                           positions_BS=positions_BS)
@@ -63,6 +65,7 @@ class _Unit(nn.Module):
   config: TransformerConfig
   pattern: tuple[bool, ...]
   deterministic: bool = True
+  decode: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   scanned: bool = False
@@ -73,8 +76,8 @@ class _Unit(nn.Module):
     if self.config.remat:
       block = nn.remat(Block, prevent_cse=not self.scanned)
     for i, use_moe in enumerate(self.pattern):
-      x_BSD = block(self.config, use_moe, self.deterministic, self.dtype, self.param_dtype,
-                    name=f"block_{i}")(x_BSD, mask_BS, positions_BS, context)
+      x_BSD = block(self.config, use_moe, self.deterministic, self.decode, self.dtype,
+                    self.param_dtype, name=f"block_{i}")(x_BSD, mask_BS, positions_BS, context)
     return (x_BSD, None) if self.scanned else x_BSD
 
 
@@ -106,7 +109,9 @@ class TransformerStack(nn.Module):
   @nn.compact
   def __call__(self, x_BSD: jax.Array, *, mask_BS: jax.Array | None = None,
                positions_BS: jax.Array | None = None, context: Context | None = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, decode: bool = False) -> jax.Array:
+    """`decode`: each attention layer keeps its keys and values in the "cache"
+    collection and attends over them (generation; moe_jax/inference)."""
     cfg = self.config
     if x_BSD.ndim != 3 or x_BSD.shape[-1] != cfg.d_model:
       raise ValueError(f"TransformerStack input must be [batch, seq, d_model={cfg.d_model}]; "
@@ -116,7 +121,7 @@ class TransformerStack(nn.Module):
                        f"{tuple(x_BSD.shape[:2])}")
     moe_idx = set(cfg.moe_layer_indices())
     pattern = tuple(i in moe_idx for i in range(cfg.num_layers))
-    common = dict(config=cfg, deterministic=deterministic, dtype=self.dtype,
+    common = dict(config=cfg, deterministic=deterministic, decode=decode, dtype=self.dtype,
                   param_dtype=self.param_dtype)
     if not cfg.scan_layers:
       x_BSD = _Unit(pattern=pattern, name="layers", **common)(x_BSD, mask_BS, positions_BS,
