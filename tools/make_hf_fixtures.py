@@ -39,9 +39,10 @@ FAMILIES = {
                        moe_intermediate_size=24, shared_expert_intermediate_size=40,
                        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
                        mlp_only_layers=[0], decoder_sparse_step=1)),
-    # per-head q/k norms, GQA, renormalised top-2, MoE every 2nd layer + a dense one.
+    # per-head q/k norms, GQA, renormalised top-2, a dense layer; 257 ids: the byte-level
+    # vocabulary, so the fine-tuning test can train it on lm_tiny's data.
     "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
-                  dict(COMMON, num_key_value_heads=2, head_dim=8, intermediate_size=40,
+                  dict(COMMON, vocab_size=257, num_key_value_heads=2, head_dim=8, intermediate_size=40,
                        moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
                        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1])),
     # q/k norms over all heads' features, top-2 not renormalised.
@@ -65,7 +66,7 @@ def _router_margin(out, k: int) -> float:
 def make(family: str) -> None:
   config_cls, model_cls, kwargs = FAMILIES[family]
   rng = np.random.default_rng(0)
-  tokens = torch.tensor(rng.integers(3, COMMON["vocab_size"], size=(2, 12)), dtype=torch.long)
+  tokens = torch.tensor(rng.integers(3, kwargs["vocab_size"], size=(2, 12)), dtype=torch.long)
   for seed in range(100):
     torch.manual_seed(seed)
     config = config_cls(**kwargs)

@@ -88,38 +88,38 @@ def _path_str(path) -> str:
   return "/".join(parts)
 
 
-def check_restorable(step_dir: str, state) -> None:
+def check_restorable(step_dir: str, state, item: str = "state", what: str | None = None) -> None:
   """One line when the checkpoint's params / router state do not fit `state`'s shapes."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
   from etils import epath  # noqa: PLC0415
 
   try:  # the handler reads the item directory itself (no step-level metadata warning)
-    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "state")
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / item)
   except Exception:  # noqa: BLE001 -- unreadable metadata: let the restore itself report
     return
   stored = {_path_str(p): tuple(getattr(m, "shape", ()) or ())
             for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
   wanted = {_path_str(p): tuple(x.shape)
             for p, x in jax.tree_util.tree_flatten_with_path(
-                {"params": state.params, "router_state": state.router_state})[0]}
-  step = os.path.basename(step_dir)
+                {"params": state.params, "router_state": state.router_state})[0]
+            if item == "state" or _path_str(p).startswith("params/")}
+  name = what or f"checkpoint {os.path.basename(step_dir)}"
+  fix = ("use the model config it was made with" if what else
+         "resume with the config that wrote it (config.json) or use a new workdir")
   if not any(k.startswith("params/") for k in stored):
     return  # metadata without parameters (damaged): the restore itself will report
   for key, shape in wanted.items():
     if key not in stored:
-      raise ValueError(f"checkpoint {step} does not fit this model: it has no {key} (shape "
-                       f"{shape} now); resume with the config that wrote it (config.json) or "
-                       "use a new workdir")
+      raise ValueError(f"{name} does not fit this model: it has no {key} (shape {shape} "
+                       f"now); {fix}")
     if stored[key] != shape:
-      raise ValueError(f"checkpoint {step} does not fit this model: {key} has shape "
-                       f"{stored[key]} there and {shape} now; resume with the config that "
-                       "wrote it (config.json) or use a new workdir")
+      raise ValueError(f"{name} does not fit this model: {key} has shape {stored[key]} "
+                       f"there and {shape} now; {fix}")
   extra = sorted(k for k in stored if k.split("/")[0] in ("params", "router_state")
                  and k not in wanted)
   if extra:
-    raise ValueError(f"checkpoint {step} does not fit this model: it has {extra[0]} (and "
-                     f"{len(extra) - 1} more) that the model has not; resume with the config "
-                     "that wrote it (config.json) or use a new workdir")
+    raise ValueError(f"{name} does not fit this model: it has {extra[0]} (and "
+                     f"{len(extra) - 1} more) that the model has not; {fix}")
 
 
 @functools.cache

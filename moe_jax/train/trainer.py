@@ -175,6 +175,23 @@ def _restore_latest_usable(ckpt: Checkpointer, state, workdir: str):
   return 0, state, None
 
 
+def _init_params_from(path: str, state, shardings, tx):
+  """`state` with the params saved at `path` (experiments.convert writes them), each
+  read straight into its sharding on the mesh, and a fresh optimizer state for them."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  if not os.path.isdir(path):
+    raise ValueError(f"train.init_params={path!r} is not a directory (experiments.convert "
+                     "writes DST/params)")
+  run_record.check_restorable(os.path.dirname(path), state, item=os.path.basename(path),
+                              what=f"train.init_params {path}")
+  target = {"params": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                   state.params, shardings.params)}
+  params = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)["params"]
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  return state.replace(params=params, opt_state=opt_state)
+
+
 def evaluate(eval_step, variables, tasks, eval_iters, max_batches: int = 0,
              put=lambda batch: batch, after_batch=lambda: None) -> dict[str, dict]:
   """Metrics of every task (+ zero-shot) over its whole eval split (or `max_batches`
@@ -277,6 +294,9 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
          + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else ""))
   barriers.wait_for_processes("restore", barrier_timeout)
   start, state, data_state = _restore_latest_usable(ckpt, state, workdir)
+  if not start and tcfg.get("init_params"):  # a fresh run fine-tuning given parameters
+    state = _init_params_from(str(tcfg.init_params), state, state_shardings, tx)
+    _say(f"parameters from {tcfg.init_params} (optimizer state fresh)")
   run_record.write_config(workdir, config)
   if start:  # restored straight into this mesh's layout, whatever mesh wrote it
     for name, it in train_iters.items():
