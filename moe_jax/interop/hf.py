@@ -87,11 +87,13 @@ def expected_shapes(model: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int
           for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]}
 
 
-def load_hf(directory: str, place=None) -> tuple[dict[str, Any], dict]:
+def load_hf(directory: str, mesh=None, rules=None) -> tuple[dict[str, Any], dict]:
   """(moe_jax model config, params) from a Hugging Face MoE checkpoint directory.
 
-  `place(path, numpy array) -> array` puts each parameter where it belongs (e.g. straight
-  into a mesh sharding); default: keep numpy."""
+  Without `mesh`: numpy arrays. With a mesh: each parameter is made shard by shard with
+  `jax.make_array_from_callback` in the sharding the logical rules give it, and each
+  shard reads only its own part of the files (an expert bank split over `expert` reads
+  only that device's experts' tensors), so no expert bank is ever whole on one host."""
   hf = read_hf_config(directory)
   model = fams.model_config(hf)
   reader = TensorReader(directory)
@@ -116,15 +118,45 @@ def load_hf(directory: str, place=None) -> tuple[dict[str, Any], dict]:
     if dtype not in DTYPES:
       raise ValueError(f"{directory}: tensor {name} has dtype {dtype}; supported: "
                        f"{', '.join(DTYPES)}")
+  for e in wanted:  # shapes first, from the headers only: nothing is read before all fit
+    one = _converted_shape(e, reader.shape(e.hf[0]))
+    got = (len(e.hf), *one) if e.stacked else one
+    if got != shapes[e.path]:
+      raise ValueError(f"{directory}: tensor {e.hf[0]} gives {'/'.join(e.path)} the shape "
+                       f"{got}, but the config needs {shapes[e.path]}")
   params: dict = {}
   for e in wanted:
-    arrays = [_to_ours(e.kind, _as_float32(reader.get(n)), e.heads) for n in e.hf]
-    value = np.stack(arrays) if e.stacked else arrays[0]
-    if value.shape != shapes[e.path]:
-      raise ValueError(f"{directory}: tensor {e.hf[0]} gives {'/'.join(e.path)} the shape "
-                       f"{value.shape}, but the config needs {shapes[e.path]}")
-    _set(params, e.path, place(e.path, value) if place else value)
+    if mesh is None:
+      value = read_slice(reader, e, ())
+    else:
+      import jax  # noqa: PLC0415
+
+      from moe_jax.parallel.partitioning import param_logical_axes, spec_for  # noqa: PLC0415
+      from moe_jax.parallel.sharding import DEFAULT_RULES  # noqa: PLC0415
+
+      shape = shapes[e.path]
+      logical = param_logical_axes([jax.tree_util.DictKey(k) for k in e.path], shape)
+      sharding = jax.sharding.NamedSharding(mesh, spec_for(mesh, logical, shape,
+                                                           rules or DEFAULT_RULES))
+      value = jax.make_array_from_callback(shape, sharding,
+                                           lambda index, e=e: read_slice(reader, e, index))
+    _set(params, e.path, value)
   return model, params
+
+
+def _converted_shape(e, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+  return _to_ours(e.kind, np.empty(hf_shape, np.float32), e.heads).shape
+
+
+def read_slice(reader: TensorReader, e, index: tuple) -> np.ndarray:
+  """The part `index` (a tuple of slices, () for all) of entry `e`'s parameter; a stacked
+  bank reads only the experts in the slice's first axis."""
+  index = tuple(index)
+  if not e.stacked:
+    return _to_ours(e.kind, _as_float32(reader.get(e.hf[0])), e.heads)[index]
+  experts = range(len(e.hf))[index[0] if index else slice(None)]
+  parts = [_to_ours(e.kind, _as_float32(reader.get(e.hf[i])), e.heads) for i in experts]
+  return np.stack(parts)[(slice(None),) + index[1:]]
 
 
 def _as_float32(a: np.ndarray) -> np.ndarray:
