@@ -49,3 +49,24 @@ def test_generates_from_a_training_workdir_with_byte_prompts(tmp_path):
   out = Generator(model, variables)([prompt], SamplingConfig(max_new_tokens=5))[0]
   assert len(out) == 5 and all(0 <= i < 257 for i in out)
   assert isinstance(tokenizer.decode(out), str)
+
+
+def test_a_tokenizer_json_encodes_prompts_and_decodes_outputs(tmp_path):
+  import shutil
+
+  from tokenizers import Tokenizer, models, pre_tokenizers
+
+  hf_dir = tmp_path / "hf"
+  shutil.copytree(os.path.join(REPO, "tests", "interop", "fixtures", "qwen3_moe"), hf_dir)
+  words = ["def", "main", "(", ")", ":", "return", "x", "[UNK]"] + [f"w{i}" for i in range(249)]
+  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(str(hf_dir / "tokenizer.json"))
+  model, variables, tokenizer, _ = load_for_generation(str(hf_dir))
+  assert tokenizer.encode_prompt("def main ( ) :") == [0, 1, 2, 3, 4]
+  out = Generator(model, variables)([tokenizer.encode_prompt("def main ( ) :")],
+                                    SamplingConfig(max_new_tokens=4))[0]
+  assert tokenizer.decode(out) == " ".join(words[i] for i in out)
+  run = _generate(f"--workdir={hf_dir}", "--prompt=def main ( ) :", "--max_new_tokens=4")
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert run.stdout.strip() == tokenizer.decode(out)  # streamed text, the same tokens
