@@ -302,6 +302,12 @@ MUTANTS = (
       "    return a.T.reshape(a.shape[1], -1, heads).swapaxes(1, 2)",
       ("tests/interop/test_hf_import.py", "-k", "logits"),
       "q/k/v rows taken as [Q, heads] instead of [heads, Q]"),
+    # --- generation ----------------------------------------------------------------------------
+    M("cache_hides_the_new_token", "moe_jax/nn/attention/mha.py",
+      "(jnp.arange(L)[None, None, :] <= slot_S[None, :, None])",
+      "(jnp.arange(L)[None, None, :] < slot_S[None, :, None])",
+      ("tests/inference/test_generate.py", "-k", "cached"),
+      "a decoded token does not attend to its own key"),
     # --- attention -----------------------------------------------------------------------------
     M("decoder_not_causal", "moe_jax/nn/attention/mha.py",
       "is_causal=self.causal)", "is_causal=False)",

@@ -89,6 +89,9 @@ class Generator:
     mask = np.zeros((B, P), bool)
     for b, p in enumerate(prompts):
       tokens[b, P - len(p):], mask[b, P - len(p):] = np.asarray(p, np.int32), True
+    # Positions count real tokens only. (With RoPE alone a constant shift per row would
+    # not change the outputs, only attention is relative; a learned or absolute position
+    # scheme would, so rows start at 0 as if unpadded.)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     variables = dict(self.variables)
     cache = empty_cache(self.module, variables, B, L)
