@@ -53,14 +53,14 @@ def import_hf(src: str, dst: str) -> None:
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   _fresh_dst(dst)
-  model, params = load_hf(src)  # every check first: nothing is written on a bad checkpoint
+  model, variables = load_hf(src)  # every check first: nothing is written on a bad checkpoint
   hf_config = read_hf_config(src)
   parent = os.path.dirname(os.path.abspath(dst)) or "."
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
   try:
     with ocp.StandardCheckpointer() as checkpointer:  # saves in the background: wait
-      checkpointer.save(os.path.join(tmp, "params"), {"params": params})
+      checkpointer.save(os.path.join(tmp, "params"), variables)
       checkpointer.wait_until_finished()
     with open(os.path.join(tmp, IMPORTED), "w") as f:
       json.dump({"model": model, "hf_config": hf_config, "source": os.path.abspath(src)}, f,
@@ -75,7 +75,7 @@ def import_hf(src: str, dst: str) -> None:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  n = sum(x.size for x in __import__("jax").tree.leaves(params))
+  n = sum(x.size for x in __import__("jax").tree.leaves(variables["params"]))
   print(f"imported {hf_config['model_type']} ({n / 1e6:.2f}M parameters, "
         f"{len(model['moe_layers'])} MoE layers of {model['moe']['num_experts']} experts) to "
         f"{dst}; fine-tune: python -m experiments.train --config={dst}/experiment.py "
@@ -92,8 +92,7 @@ def export_hf(src: str, dst: str) -> None:
   if os.path.exists(imported_json):
     with open(imported_json) as f:
       record = json.load(f)
-    params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(src, "params")))
-    params = params["params"]
+    variables = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(src, "params")))
   elif os.path.exists(config_json):
     with open(config_json) as f:
       config = json.load(f)
@@ -108,15 +107,15 @@ def export_hf(src: str, dst: str) -> None:
     steps = sorted(int(s) for s in os.listdir(ckpts) if s.isdigit()) if os.path.isdir(ckpts) else []
     if not steps:
       raise ValueError(f"{src} has no checkpoint to export")
-    params = ocp.StandardCheckpointer().restore(os.path.join(ckpts, str(steps[-1]), "state"))
-    params = params["params"]
+    state = ocp.StandardCheckpointer().restore(os.path.join(ckpts, str(steps[-1]), "state"))
+    variables = {"params": state["params"], "router_state": state.get("router_state") or {}}
   else:
     raise ValueError(f"{src} is neither an import ({IMPORTED}) nor a workdir (config.json)")
   parent = os.path.dirname(os.path.abspath(dst)) or "."
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
   try:
-    files = save_hf(record["model"], params, tmp, record["hf_config"])
+    files = save_hf(record["model"], variables, tmp, record["hf_config"])
     if os.path.exists(os.path.join(src, "tokenizer.json")):
       shutil.copy(os.path.join(src, "tokenizer.json"), tmp)
     if os.path.exists(dst):

@@ -126,6 +126,30 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MLAConfig:
+  """Multi-head latent attention (DeepSeek-V2/V3, arXiv:2405.04434): queries through an
+  optional low-rank bottleneck, keys and values from one shared latent of kv_lora_rank
+  features plus a rotary key of qk_rope_head_dim features shared by all heads."""
+
+  q_lora_rank: int | None = None  # None: one full query projection
+  kv_lora_rank: int = 512
+  qk_nope_head_dim: int = 128
+  qk_rope_head_dim: int = 64
+  v_head_dim: int = 128
+  rope_interleave: bool = True  # rotary features stored as interleaved pairs (DeepSeek-V3)
+  latent_norm_eps: float = 1e-6  # the latents' RMSNorms (DeepSeek's, whatever rms_norm_eps)
+
+  def __post_init__(self):
+    if self.q_lora_rank is not None:
+      V.check_int_range("mla.q_lora_rank", self.q_lora_rank, lo=1)
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+      V.check_int_range(f"mla.{name}", getattr(self, name), lo=1)
+    V.check_int_range("mla.qk_rope_head_dim", self.qk_rope_head_dim, lo=2)
+    if self.qk_rope_head_dim % 2:
+      raise ValueError(f"mla.qk_rope_head_dim={self.qk_rope_head_dim} must be even for RoPE")
+
+
+@dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """A pre-norm transformer stack whose feed-forward layers may be MoE.
 
@@ -147,6 +171,7 @@ class TransformerConfig:
   num_kv_heads: int | None = None  # grouped-query attention: J key/value heads; None: H
   qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
   qk_norm: str = "none"  # RMSNorm of q and k: "head" (per head: Qwen3), "full" (OLMoE)
+  mla: MLAConfig | None = None  # multi-head latent attention instead of q/k/v heads
   dropout_rate: float = 0.0
   moe: MoEConfig | None = None
   moe_every: int | None = None
@@ -183,6 +208,8 @@ class TransformerConfig:
       V.check_int_range("moe_last", self.moe_last, lo=0, hi=self.num_layers)
     for i in self.moe_layers:
       V.check_int_range("moe_layers[i]", i, lo=0, hi=self.num_layers - 1)
+    if self.mla is not None and not self.causal:
+      raise ValueError("mla (multi-head latent attention) is a decoder attention: set causal=True")
     if self.moe is None and self.moe_layer_indices():
       raise ValueError("moe_every/moe_last/moe_layers place MoE layers but moe=None; "
                        "set moe=MoEConfig(...)")

@@ -50,6 +50,17 @@ FAMILIES = {
               dict(COMMON, num_key_value_heads=4, intermediate_size=24, num_experts=4,
                    num_experts_per_tok=2, norm_topk_prob=False, pad_token_id=1,
                    eos_token_id=2)),
+    # multi-head latent attention (q and kv low-rank, interleaved rotary pairs), sigmoid
+    # scores + correction bias, 4 groups of 2 experts with the best 2 eligible, routed
+    # scaling, one shared expert, a dense first layer; byte vocabulary (fine-tune test).
+    "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM,
+                    dict(COMMON, vocab_size=257, num_key_value_heads=4, intermediate_size=40,
+                         moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+                         num_experts_per_tok=2, n_group=4, topk_group=2,
+                         routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=16,
+                         q_lora_rank=24, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+                         first_k_dense_replace=1, rope_interleave=True, bos_token_id=0,
+                         eos_token_id=1)),
 }
 SHARDED = {"mixtral": "40KB"}  # several safetensors files + model.safetensors.index.json
 
@@ -79,6 +90,9 @@ def make(family: str) -> None:
           p.normal_(0.0, 0.2)  # larger than the default: routing and logits spread out
         else:
           p.normal_(0.0, 0.1)
+      for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+          b.uniform_(-0.05, 0.05)  # a trained-looking bias: it must steer the choice
       out = model(tokens, output_router_logits=True)
     if _router_margin(out, kwargs["num_experts_per_tok"]) > 1e-3:
       break

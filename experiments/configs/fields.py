@@ -20,7 +20,7 @@ from moe_jax.models import MODELS
 from moe_jax.nn.routing import ROUTERS, RouterSpec
 from moe_jax.nn.routing.base import router_options
 
-_SKIP = {"moe", "encoder", "decoder"}
+_SKIP = {"moe", "mla", "encoder", "decoder"}
 
 # Input loading: batches built ahead in `num_threads` threads (grain); num_workers > 0
 # builds them in worker processes instead (for heavy Python preprocessing).

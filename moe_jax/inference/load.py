@@ -51,8 +51,8 @@ def load_for_generation(workdir: str, step: int | None = None
   if "model_type" in config:
     from moe_jax.interop.hf import load_hf  # noqa: PLC0415
 
-    model, params = load_hf(workdir)
-    return model, {"params": params}, tokenizer, f"Hugging Face {config['model_type']} checkpoint"
+    model, variables = load_hf(workdir)
+    return model, variables, tokenizer, f"Hugging Face {config['model_type']} checkpoint"
   if "model" not in config:
     raise ValueError(f"{path} is neither a Hugging Face config (model_type) nor a moe_jax "
                      "experiment config (model)")

@@ -1,10 +1,11 @@
 """Hugging Face checkpoints in and out: config.json + safetensors <-> moe_jax params.
 
-`load_hf(directory)` -> (model config dict, params): every tensor the family's map
-names must be there with the right shape, and every tensor in the files must be used
-(missing, extra or misshapen tensors are one-line errors naming them: never a partial
-model). `save_hf(model, params, directory, hf_config)` writes them back; import ->
-export -> import is exact.
+`load_hf(directory)` -> (model config dict, variables): {"params": ...} plus
+"router_state" when the family keeps routing state (DeepSeek-V3's score-correction
+bias). Every tensor the family's map names must be there with the right shape, and
+every tensor in the files must be used (missing, extra or misshapen tensors are one-line
+errors naming them: never a partial model). `save_hf(model, variables, directory,
+hf_config)` writes them back; import -> export -> import is exact.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def _get(tree: Mapping, path: tuple[str, ...]):
 
 
 def expected_shapes(model: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """The moe_jax parameter shapes of `model` (built abstractly, no weights)."""
+  """(collection, *path) -> shape of every variable of `model` (built abstractly)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
@@ -82,13 +83,14 @@ def expected_shapes(model: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int
   module = build_model(model)
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0),
                                               jnp.zeros((1, 2), jnp.int32),
-                                              method=module.logits))["params"]
+                                              method=module.logits))
+  kept = {c: shapes[c] for c in ("params", "router_state") if c in shapes}  # not sown metrics
   return {tuple(getattr(k, "key", k) for k in path): tuple(x.shape)
-          for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+          for path, x in jax.tree_util.tree_flatten_with_path(kept)[0]}
 
 
 def load_hf(directory: str, mesh=None, rules=None) -> tuple[dict[str, Any], dict]:
-  """(moe_jax model config, params) from a Hugging Face MoE checkpoint directory.
+  """(moe_jax model config, variables) from a Hugging Face MoE checkpoint directory.
 
   Without `mesh`: numpy arrays. With a mesh: each parameter is made shard by shard with
   `jax.make_array_from_callback` in the sharding the logical rules give it, and each
@@ -99,11 +101,11 @@ def load_hf(directory: str, mesh=None, rules=None) -> tuple[dict[str, Any], dict
   reader = TensorReader(directory)
   wanted = fams.entries(hf, model)
   shapes = expected_shapes(model)
-  mapped = {p for e in wanted for p in [e.path]}
+  mapped = {(e.collection, *e.path) for e in wanted}
   unmapped = sorted("/".join(p) for p in set(shapes) - mapped)
   if unmapped:  # a bug in the family map, not in the checkpoint
     raise AssertionError(f"the {hf['model_type']} map misses parameters {unmapped}")
-  names = reader.names()
+  names = reader.names() - fams.ignored_tensors(hf, reader.names())
   needed = [n for e in wanted for n in e.hf]
   missing = [n for n in needed if n not in names]
   if missing:
@@ -121,10 +123,10 @@ def load_hf(directory: str, mesh=None, rules=None) -> tuple[dict[str, Any], dict
   for e in wanted:  # shapes first, from the headers only: nothing is read before all fit
     one = _converted_shape(e, reader.shape(e.hf[0]))
     got = (len(e.hf), *one) if e.stacked else one
-    if got != shapes[e.path]:
+    if got != shapes[(e.collection, *e.path)]:
       raise ValueError(f"{directory}: tensor {e.hf[0]} gives {'/'.join(e.path)} the shape "
-                       f"{got}, but the config needs {shapes[e.path]}")
-  params: dict = {}
+                       f"{got}, but the config needs {shapes[(e.collection, *e.path)]}")
+  variables: dict = {}
   for e in wanted:
     if mesh is None:
       value = read_slice(reader, e, ())
@@ -134,14 +136,14 @@ def load_hf(directory: str, mesh=None, rules=None) -> tuple[dict[str, Any], dict
       from moe_jax.parallel.partitioning import param_logical_axes, spec_for  # noqa: PLC0415
       from moe_jax.parallel.sharding import DEFAULT_RULES  # noqa: PLC0415
 
-      shape = shapes[e.path]
+      shape = shapes[(e.collection, *e.path)]
       logical = param_logical_axes([jax.tree_util.DictKey(k) for k in e.path], shape)
       sharding = jax.sharding.NamedSharding(mesh, spec_for(mesh, logical, shape,
                                                            rules or DEFAULT_RULES))
       value = jax.make_array_from_callback(shape, sharding,
                                            lambda index, e=e: read_slice(reader, e, index))
-    _set(params, e.path, value)
-  return model, params
+    _set(variables.setdefault(e.collection, {}), e.path, value)
+  return model, variables
 
 
 def _converted_shape(e, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -163,16 +165,17 @@ def _as_float32(a: np.ndarray) -> np.ndarray:
   return np.asarray(a, dtype=np.float32)
 
 
-def save_hf(model: Mapping[str, Any], params: Mapping, directory: str,
+def save_hf(model: Mapping[str, Any], variables: Mapping, directory: str,
             hf_config: Mapping[str, Any], max_shard_bytes: int = 2 * 1024**3) -> list[str]:
-  """Writes config.json (`hf_config`, the imported one) and safetensors of `params`.
+  """Writes config.json (`hf_config`, the imported one) and safetensors of `variables`
+  ({"params": ..., "router_state": ...}).
 
   Arrays sharded over a mesh are gathered one parameter at a time (jax.device_get)."""
   import jax  # noqa: PLC0415
 
   tensors: dict[str, np.ndarray] = {}
   for e in fams.entries(hf_config, model):
-    value = np.asarray(jax.device_get(_get(params, e.path)), dtype=np.float32)
+    value = np.asarray(jax.device_get(_get(variables[e.collection], e.path)), dtype=np.float32)
     parts = list(value) if e.stacked else [value]
     for name, part in zip(e.hf, parts):
       tensors[name] = _to_hf(e.kind, part)

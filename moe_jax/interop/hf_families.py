@@ -6,7 +6,9 @@ norms, top-k routers, SwiGLU expert banks, gated shared experts) and which HF te
 becomes which parameter. A config field that is neither mapped nor known to leave the
 forward pass unchanged is a one-line error naming it: never silently ignored.
 
-Supported: mixtral, qwen2_moe, qwen3_moe, olmoe.
+Supported: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3 (multi-head latent attention,
+sigmoid scores with the score-correction bias, group-limited top-k, routed scaling,
+shared experts, dense first layers; the multi-token-prediction layers are not used).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class Family:
   qkv_bias: bool = False
   qk_norm: str = "none"
   renormalize_default: bool = False
+  latent_attention: bool = False  # DeepSeek's MLA instead of q/k/v heads
 
 
 FAMILIES = {
@@ -55,7 +58,17 @@ FAMILIES = {
                         "mlp", ("gate_proj", "up_proj", "down_proj"), qk_norm="head"),
     "olmoe": Family(frozenset({"num_experts", "attention_bias", "clip_qkv"}), "mlp",
                     ("gate_proj", "up_proj", "down_proj"), qk_norm="full"),
+    "deepseek_v3": Family(frozenset({
+        "n_routed_experts", "n_shared_experts", "routed_scaling_factor", "kv_lora_rank",
+        "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "qk_head_dim",
+        "n_group", "topk_group", "first_k_dense_replace", "rope_interleave",
+        "num_nextn_predict_layers", "pretraining_tp", "attention_bias", "moe_intermediate_size",
+        "scoring_func", "topk_method", "moe_layer_freq", "ep_size", "aux_loss_alpha",
+        "seq_aux"}), "mlp", ("gate_proj", "up_proj", "down_proj"), renormalize_default=True,
+        latent_attention=True),
 }
+# DeepSeek-V3's bias balancing step (arXiv:2412.19437, gamma); config.json does not hold it.
+DEEPSEEK_BIAS_UPDATE_RATE = 1e-3
 
 
 class UnsupportedCheckpoint(ValueError):
@@ -109,9 +122,15 @@ def model_config(hf: Mapping[str, Any]) -> dict[str, Any]:
          "full attention layers only")
   L = int(hf["num_hidden_layers"])
   step = int(hf.get("decoder_sparse_step", 1) or 1)
-  dense = set(hf.get("mlp_only_layers") or ())
+  dense = set(hf.get("mlp_only_layers") or ()) | set(range(int(hf.get("first_k_dense_replace", 0))))
   moe_layers = tuple(i for i in range(L) if (i + 1) % step == 0 and i not in dense)
-  E = int(hf.get("num_local_experts") or hf.get("num_experts"))
+  if fam.latent_attention:
+    _check(hf, "scoring_func", hf.get("scoring_func", "sigmoid") == "sigmoid", "sigmoid only")
+    _check(hf, "topk_method", hf.get("topk_method", "noaux_tc") == "noaux_tc",
+           "noaux_tc (bias-corrected, group-limited) only")
+    _check(hf, "moe_layer_freq", int(hf.get("moe_layer_freq", 1)) == 1, "every layer MoE only")
+    _check(hf, "pretraining_tp", int(hf.get("pretraining_tp", 1)) == 1, "1 only")
+  E = int(hf.get("num_local_experts") or hf.get("num_experts") or hf.get("n_routed_experts"))
   F = int(hf.get("moe_intermediate_size") or hf["intermediate_size"])
   moe = dict(num_experts=E, expert_hidden_dim=F, dispatch="sorted",  # dropless, like HF
              router=dict(name="top_k", k=int(hf["num_experts_per_tok"]), score="softmax",
@@ -120,8 +139,22 @@ def model_config(hf: Mapping[str, Any]) -> dict[str, Any]:
   if hf.get("shared_expert_intermediate_size"):
     moe.update(num_shared_experts=1, shared_hidden_dim=int(hf["shared_expert_intermediate_size"]),
                shared_expert_gate=True)
+  extra: dict[str, Any] = {}
+  if fam.latent_attention:
+    moe["router"].update(score="sigmoid", n_group=int(hf.get("n_group", 1)),
+                         topk_group=int(hf.get("topk_group", 1)),
+                         routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+                         bias_update_rate=DEEPSEEK_BIAS_UPDATE_RATE)
+    moe["load_balance_weight"] = float(hf.get("aux_loss_alpha", 1e-4))
+    if hf.get("n_shared_experts"):  # one FFN of n_shared x the expert width, no gate
+      moe.update(num_shared_experts=int(hf["n_shared_experts"]), shared_hidden_dim=F)
+    extra["mla"] = dict(q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=int(hf["kv_lora_rank"]),
+                        qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
+                        qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
+                        v_head_dim=int(hf["v_head_dim"]),
+                        rope_interleave=bool(hf.get("rope_interleave", True)))
   heads = int(hf["num_attention_heads"])
-  return dict(name="lm", dtype="float32", vocab_size=int(hf["vocab_size"]),
+  return dict(name="lm", dtype="float32", vocab_size=int(hf["vocab_size"]), **extra,
               d_model=int(hf["hidden_size"]), num_layers=L, num_heads=heads,
               num_kv_heads=int(hf.get("num_key_value_heads") or heads),
               head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
@@ -146,6 +179,7 @@ class Entry:
   kind: str = "copy"
   heads: int = 0
   stacked: bool = False
+  collection: str = "params"  # or "router_state" (DeepSeek-V3's correction bias)
 
 
 def entries(hf: Mapping[str, Any], model: Mapping[str, Any]) -> list[Entry]:
@@ -160,34 +194,70 @@ def entries(hf: Mapping[str, Any], model: Mapping[str, Any]) -> list[Entry]:
     hf_l, ours = f"model.layers.{i}.", ("decoder", "layers", f"block_{i}")
     att = ours + ("attention",)
     out += [Entry(ours + ("attention_norm", "scale"), (hf_l + "input_layernorm.weight",)),
-            Entry(ours + ("ffn_norm", "scale"), (hf_l + "post_attention_layernorm.weight",)),
-            Entry(att + ("w_q_DHQ",), (hf_l + "self_attn.q_proj.weight",), "heads_in", H),
-            Entry(att + ("w_k_DYQ",), (hf_l + "self_attn.k_proj.weight",), "heads_in", Y),
-            Entry(att + ("w_v_DYQ",), (hf_l + "self_attn.v_proj.weight",), "heads_in", Y),
-            Entry(att + ("w_out_HQD",), (hf_l + "self_attn.o_proj.weight",), "heads_out", H)]
-    if model["qkv_bias"]:
-      out += [Entry(att + (f"b_{n}_{a}",), (hf_l + f"self_attn.{n}_proj.bias",), "heads_bias", h)
-              for n, a, h in (("q", "HQ", H), ("k", "YQ", Y), ("v", "YQ", Y))]
-    if model["qk_norm"] != "none":
-      out += [Entry(att + (f"{n}_norm", "scale"), (hf_l + f"self_attn.{n}_norm.weight",))
-              for n in ("q", "k")]
+            Entry(ours + ("ffn_norm", "scale"), (hf_l + "post_attention_layernorm.weight",))]
+    if fam.latent_attention:
+      out += _latent_attention_entries(hf_l + "self_attn.", att, model["mla"])
+    else:
+      out += _head_entries(hf_l, att, model, H, Y)
     gate, up, down = fam.expert_names
     if i in model["moe_layers"]:
       moe_hf, moe = hf_l + fam.moe_prefix + ".", ours + ("moe",)
       out.append(Entry(moe + ("router", "w_DE"), (moe_hf + "gate.weight",), "linear"))
+      if fam.latent_attention:
+        out.append(Entry(moe + ("router", "bias_E"), (moe_hf + "gate.e_score_correction_bias",),
+                         collection="router_state"))
       for ours_name, hf_name in (("w_gate_EDF", gate), ("w_up_EDF", up), ("w_down_EFD", down)):
         out.append(Entry(moe + ("experts", ours_name),
                          tuple(f"{moe_hf}experts.{e}.{hf_name}.weight" for e in range(E)),
                          "linear", stacked=True))
       if model["moe"].get("num_shared_experts"):
-        out += [Entry(moe + ("shared_experts", f"w_{n}"), (f"{moe_hf}shared_expert.{p}.weight",),
+        shared = "shared_experts" if fam.latent_attention else "shared_expert"
+        out += [Entry(moe + ("shared_experts", f"w_{n}"), (f"{moe_hf}{shared}.{p}.weight",),
                       "linear")
                 for n, p in (("gate_DF", "gate_proj"), ("up_DF", "up_proj"),
                              ("down_FD", "down_proj"))]
-        out.append(Entry(moe + ("shared_gate_w_D1",), (moe_hf + "shared_expert_gate.weight",),
-                         "linear"))
+        if model["moe"].get("shared_expert_gate"):
+          out.append(Entry(moe + ("shared_gate_w_D1",), (moe_hf + "shared_expert_gate.weight",),
+                           "linear"))
     else:
       out += [Entry(ours + ("mlp", f"w_{n}"), (f"{hf_l}mlp.{p}.weight",), "linear")
               for n, p in (("gate_DF", "gate_proj"), ("up_DF", "up_proj"),
                            ("down_FD", "down_proj"))]
   return out
+
+
+def _head_entries(hf_l: str, att: tuple[str, ...], model, H: int, Y: int) -> list[Entry]:
+  out = [Entry(att + ("w_q_DHQ",), (hf_l + "self_attn.q_proj.weight",), "heads_in", H),
+            Entry(att + ("w_k_DYQ",), (hf_l + "self_attn.k_proj.weight",), "heads_in", Y),
+            Entry(att + ("w_v_DYQ",), (hf_l + "self_attn.v_proj.weight",), "heads_in", Y),
+            Entry(att + ("w_out_HQD",), (hf_l + "self_attn.o_proj.weight",), "heads_out", H)]
+  if model["qkv_bias"]:
+    out += [Entry(att + (f"b_{n}_{a}",), (hf_l + f"self_attn.{n}_proj.bias",), "heads_bias", h)
+            for n, a, h in (("q", "HQ", H), ("k", "YQ", Y), ("v", "YQ", Y))]
+  if model["qk_norm"] != "none":
+    out += [Entry(att + (f"{n}_norm", "scale"), (hf_l + f"self_attn.{n}_norm.weight",))
+            for n in ("q", "k")]
+  return out
+
+
+def _latent_attention_entries(hf_a: str, att: tuple[str, ...], mla) -> list[Entry]:
+  """DeepSeek's MLA projections (moe_jax/nn/attention/mla.py): Dense kernels, [in, out]."""
+  names = [("kv_a_proj", "kv_a_proj_with_mqa"), ("kv_b_proj", "kv_b_proj"), ("o_proj", "o_proj")]
+  names += ([("q_proj", "q_proj")] if mla.get("q_lora_rank") is None else
+            [("q_a_proj", "q_a_proj"), ("q_b_proj", "q_b_proj")])
+  out = [Entry(att + (ours, "kernel"), (f"{hf_a}{theirs}.weight",), "linear")
+         for ours, theirs in names]
+  out.append(Entry(att + ("kv_a_norm", "scale"), (hf_a + "kv_a_layernorm.weight",)))
+  if mla.get("q_lora_rank") is not None:
+    out.append(Entry(att + ("q_a_norm", "scale"), (hf_a + "q_a_layernorm.weight",)))
+  return out
+
+
+def ignored_tensors(hf: Mapping[str, Any], names: set[str]) -> set[str]:
+  """Tensors a checkpoint may hold that the model does not use: DeepSeek-V3's
+  multi-token-prediction layers (numbered after the last decoder layer), which
+  transformers does not load either."""
+  L = int(hf["num_hidden_layers"])
+  extra = int(hf.get("num_nextn_predict_layers") or 0)
+  prefixes = tuple(f"model.layers.{L + j}." for j in range(extra))
+  return {n for n in names if prefixes and n.startswith(prefixes)}

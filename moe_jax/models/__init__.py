@@ -11,7 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from moe_jax import validation as V
-from moe_jax.config import MoEConfig, TransformerConfig
+from moe_jax.config import MLAConfig, MoEConfig, TransformerConfig
 from moe_jax.models.imp import IMPConfig, IMPModel
 from moe_jax.models.lm import DecoderLM, LMConfig
 
@@ -41,12 +41,17 @@ def build_model(model_cfg: Mapping[str, Any]):
   V.check_choice("model.dtype", dtype, DTYPES)
   module_cls, config_cls, stack_field = MODELS[name]
   moe = cfg.pop("moe", None)
-  stack_keys = _fields(TransformerConfig) - {"moe"}
+  mla = cfg.pop("mla", None)
+  stack_keys = _fields(TransformerConfig) - {"moe", "mla"}
   model_keys = _fields(config_cls) - {stack_field}
-  _check_keys("config.model", cfg, stack_keys | model_keys | {"name", "dtype", "moe"})
+  _check_keys("config.model", cfg, stack_keys | model_keys | {"name", "dtype", "moe", "mla"})
   if moe:
     moe = MoEConfig.from_dict(dict(moe))
-  stack = TransformerConfig(moe=moe or None, **{k: v for k, v in cfg.items() if k in stack_keys})
+  if mla:
+    _check_keys("config.model.mla", mla, _fields(MLAConfig))
+    mla = MLAConfig(**dict(mla))
+  stack = TransformerConfig(moe=moe or None, mla=mla or None,
+                            **{k: v for k, v in cfg.items() if k in stack_keys})
   model_config = config_cls(**{stack_field: stack},
                             **{k: v for k, v in cfg.items() if k in model_keys})
   return module_cls(model_config, dtype=DTYPES[dtype])

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.nn.attention import SelfAttention
+from moe_jax.nn.attention import LatentAttention, SelfAttention
 from moe_jax.nn.context import Context
 from moe_jax.config import TransformerConfig
 from moe_jax.nn.experts import FeedForward
@@ -41,14 +41,17 @@ class Block(nn.Module):
     norm = lambda name: nn.RMSNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                                    name=name)
     drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-    h = SelfAttention(cfg.num_heads, cfg.resolved_head_dim, causal=cfg.causal, rope=cfg.uses_rope,
-                      rope_max_wavelength=cfg.rope_max_wavelength,
-                      num_kv_heads=cfg.num_kv_heads, qkv_bias=cfg.qkv_bias,
-                      qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, decode=self.decode,
-                      dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="attention")(
-                          norm("attention_norm")(x_BSD), mask_BS=mask_BS,
-                          positions_BS=positions_BS)
+    if cfg.mla is not None:  # DeepSeek-style multi-head latent attention
+      attention = LatentAttention(cfg.num_heads, cfg.mla, cfg.rope_max_wavelength,
+                                  decode=self.decode, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name="attention")
+    else:
+      attention = SelfAttention(cfg.num_heads, cfg.resolved_head_dim, causal=cfg.causal,
+                                rope=cfg.uses_rope, rope_max_wavelength=cfg.rope_max_wavelength,
+                                num_kv_heads=cfg.num_kv_heads, qkv_bias=cfg.qkv_bias,
+                                qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, decode=self.decode,
+                                dtype=self.dtype, param_dtype=self.param_dtype, name="attention")
+    h = attention(norm("attention_norm")(x_BSD), mask_BS=mask_BS, positions_BS=positions_BS)
     x_BSD = x_BSD + drop(h)
     h = norm("ffn_norm")(x_BSD)
     if self.use_moe:

@@ -101,8 +101,10 @@ def check_restorable(step_dir: str, state, item: str = "state", what: str | None
             for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
   wanted = {_path_str(p): tuple(x.shape)
             for p, x in jax.tree_util.tree_flatten_with_path(
-                {"params": state.params, "router_state": state.router_state})[0]
-            if item == "state" or _path_str(p).startswith("params/")}
+                {"params": state.params, "router_state": state.router_state})[0]}
+  if item != "state":  # saved parameters (init_params) may come without router state
+    wanted = {k: v for k, v in wanted.items()
+              if k.startswith("params/") or any(s.startswith("router_state/") for s in stored)}
   name = what or f"checkpoint {os.path.basename(step_dir)}"
   fix = ("use the model config it was made with" if what else
          "resume with the config that wrote it (config.json) or use a new workdir")

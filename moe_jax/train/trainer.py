@@ -185,11 +185,19 @@ def _init_params_from(path: str, state, shardings, tx):
                      "writes DST/params)")
   run_record.check_restorable(os.path.dirname(path), state, item=os.path.basename(path),
                               what=f"train.init_params {path}")
-  target = {"params": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                   state.params, shardings.params)}
-  params = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)["params"]
+  abstract = lambda tree, shardings: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  target = {"params": abstract(state.params, shardings.params)}
+  # Routing state saved with them (DeepSeek-V3's correction bias) comes along.
+  from etils import epath  # noqa: PLC0415
+  saved = ocp.StandardCheckpointHandler().metadata(epath.Path(os.path.abspath(path)))
+  if state.router_state and "router_state" in saved:
+    target["router_state"] = abstract(state.router_state, shardings.router_state)
+  restored = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+  params = restored["params"]
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-  return state.replace(params=params, opt_state=opt_state)
+  return state.replace(params=params, opt_state=opt_state,
+                       router_state=restored.get("router_state", state.router_state))
 
 
 def evaluate(eval_step, variables, tasks, eval_iters, max_batches: int = 0,

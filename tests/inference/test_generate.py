@@ -19,11 +19,11 @@ FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 def _imported(family):
   path = os.path.join(FIXTURES, family)
-  model, params = load_hf(path)
-  return model, {"params": params}, np.load(os.path.join(path, "reference.npz"))
+  model, variables = load_hf(path)
+  return model, variables, np.load(os.path.join(path, "reference.npz"))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
 def test_greedy_output_equals_transformers_greedy(family):
   model, variables, ref = _imported(family)
   prompt = ref["greedy_prompt"][0].tolist()
@@ -48,7 +48,7 @@ def _tiny_lm():
   return model, dict(variables)
 
 
-@pytest.mark.parametrize("which", ["qwen3_moe", "lm_tiny"])
+@pytest.mark.parametrize("which", ["qwen3_moe", "deepseek_v3", "lm_tiny"])
 def test_cached_decoding_equals_uncached_logits_at_every_step(which):
   model, variables = (_imported(which)[:2] if which != "lm_tiny" else _tiny_lm())
   prompts = [[5, 9, 13], [7, 3, 11, 2, 8, 20, 4, 17, 6], [30]]  # left-padded to 16

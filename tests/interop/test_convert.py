@@ -23,16 +23,21 @@ def _experiment(dst, arg):
   return module.get_config(arg)
 
 
-def test_import_finetune_export_round_trip(tmp_path):
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_import_finetune_export_round_trip(tmp_path, family):
+  """deepseek_v3 carries router state (the correction bias) through every stage."""
+  fixture = os.path.join(REPO, "tests", "interop", "fixtures", family)
   dst, out = str(tmp_path / "imported"), str(tmp_path / "out")
-  convert.import_hf(FIXTURE, dst)
+  convert.import_hf(fixture, dst)
   assert sorted(os.listdir(dst)) == ["experiment.py", "imported.json", "params"]
   c = _experiment(dst, "smoke")
   c.optimizer.learning_rate = 1e-12  # two AGD steps that leave the weights where they were
+  if c.model.moe.router.get("bias_update_rate"):  # and the correction bias too
+    c.model.moe.router.bias_update_rate = 1e-12
   summary = train_and_evaluate(c, str(tmp_path / "ft"))
   assert summary["final_step"] == 2 and np.isfinite(summary["eval"]["stdlib_lm"]["loss"])
   convert.export_hf(str(tmp_path / "ft"), out)
-  _, before = load_hf(FIXTURE)
+  _, before = load_hf(fixture)
   _, after = load_hf(out)  # the fine-tuned weights, back in Hugging Face form
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_allclose(x, y, atol=1e-6)

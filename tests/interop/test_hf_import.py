@@ -17,20 +17,22 @@ from moe_jax.interop.safetensors_io import TensorReader
 from moe_jax.models import build_model
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 
 
-def _logits(model, params, tokens):
+def _logits(model, variables, tokens):
   module = build_model(model)
-  return np.asarray(module.apply({"params": params}, jnp.asarray(tokens), method=module.logits))
+  return np.asarray(module.apply(variables, jnp.asarray(tokens), method=module.logits))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_imported_logits_match_transformers(family):
   path = os.path.join(FIXTURES, family)
-  model, params = load_hf(path)
+  model, variables = load_hf(path)
   ref = np.load(os.path.join(path, "reference.npz"))
-  np.testing.assert_allclose(_logits(model, params, ref["tokens"]), ref["logits"], atol=1e-4,
+  # The issue asks for 1e-4; measured differences are <= 6e-6, and 2e-5 also catches an
+  # epsilon mistake in a norm (DeepSeek's latent norms: ~1e-4).
+  np.testing.assert_allclose(_logits(model, variables, ref["tokens"]), ref["logits"], atol=2e-5,
                              rtol=0)
   assert np.abs(ref["logits"]).max() > 1.0  # not a trivially small output
 
@@ -38,16 +40,32 @@ def test_imported_logits_match_transformers(family):
 def test_the_family_configs_use_the_features_they_are_meant_to_check():
   read = lambda f: hf_families.model_config(json.load(open(os.path.join(FIXTURES, f,
                                                                         "config.json"))))
-  mixtral, qwen2, qwen3, olmoe = (read(f) for f in FAMILIES)
+  mixtral, qwen2, qwen3, olmoe, deepseek = (read(f) for f in FAMILIES)
   assert mixtral["num_kv_heads"] == 2 and mixtral["moe"]["router"]["renormalize"]
   assert mixtral["rope_max_wavelength"] == 1e6 and mixtral["moe_layers"] == (0, 1, 2)
   assert qwen2["qkv_bias"] and qwen2["moe"]["shared_expert_gate"] and qwen2["moe_layers"] == (1, 2)
   assert not qwen2["moe"]["router"]["renormalize"]
   assert qwen3["qk_norm"] == "head" and qwen3["moe_layers"] == (0, 2) and qwen3["head_dim"] == 8
   assert olmoe["qk_norm"] == "full" and not olmoe["moe"]["router"]["renormalize"]
+  assert deepseek["mla"]["q_lora_rank"] == 24 and deepseek["mla"]["rope_interleave"]
+  assert deepseek["moe_layers"] == (1, 2) and deepseek["moe"]["num_shared_experts"] == 1
+  router = deepseek["moe"]["router"]
+  assert (router["score"], router["n_group"], router["topk_group"]) == ("sigmoid", 4, 2)
+  assert router["routed_scaling_factor"] == 2.5 and router["bias_update_rate"] > 0
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_deepseek_correction_bias_is_router_state_and_steers_the_choice():
+  model, variables = load_hf(os.path.join(FIXTURES, "deepseek_v3"))
+  bias = variables["router_state"]["decoder"]["layers"]["block_1"]["moe"]["router"]["bias_E"]
+  assert bias.shape == (8,) and np.abs(bias).max() > 0.01
+  ref = np.load(os.path.join(FIXTURES, "deepseek_v3", "reference.npz"))
+  import jax
+  unbiased = jax.tree.map(np.zeros_like, variables["router_state"])
+  moved = _logits(model, {**variables, "router_state": unbiased}, ref["tokens"])
+  assert np.abs(moved - ref["logits"]).max() > 1e-3  # the bias changes which experts run
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_export_writes_the_same_tensors_and_reimports_exactly(family, tmp_path):
   src = os.path.join(FIXTURES, family)
   model, params = load_hf(src)
@@ -100,8 +118,8 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
   assert "has no config.json" in error(tmp_path)
   p = _copy(tmp_path)
   _edit_config(p, model_type="llama4")
-  assert error(p) == ("model_type 'llama4' is not supported; supported: mixtral, olmoe, "
-                      "qwen2_moe, qwen3_moe")
+  assert error(p) == ("model_type 'llama4' is not supported; supported: deepseek_v3, mixtral, "
+                      "olmoe, qwen2_moe, qwen3_moe")
   _edit_config(p, model_type="olmoe", rope_parameters={"rope_type": "yarn", "factor": 4.0})
   assert error(p).startswith("config.json field rope_parameters has rope_type 'yarn'")
   _edit_config(p, rope_parameters={"rope_type": "default", "rope_theta": 1e4},

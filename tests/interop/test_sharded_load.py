@@ -28,7 +28,8 @@ def test_expert_banks_load_shard_by_shard_onto_the_mesh(tmp_path, monkeypatch):
     return real(reader, e, index)
 
   monkeypatch.setattr(hf, "read_slice", recording)
-  model, params = hf.load_hf(FIXTURE, mesh=mesh)
+  model, variables = hf.load_hf(FIXTURE, mesh=mesh)
+  params = variables["params"]
   bank = params["decoder"]["layers"]["block_0"]["moe"]["experts"]["w_up_EDF"]
   assert bank.shape == (4, 32, 24) and bank.sharding.spec[0] == "expert"
   assert {s.data.shape for s in bank.addressable_shards} == {(1, 32, 24)}
@@ -40,7 +41,7 @@ def test_expert_banks_load_shard_by_shard_onto_the_mesh(tmp_path, monkeypatch):
         params, jnp.asarray(ref["tokens"]))
   np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4, rtol=0)
   # The export gathers every shard back: the same tensors as the files it came from.
-  hf.save_hf(model, params, str(tmp_path), json.load(open(os.path.join(FIXTURE,
+  hf.save_hf(model, variables, str(tmp_path), json.load(open(os.path.join(FIXTURE,
                                                                        "config.json"))))
   a, b = TensorReader(FIXTURE), TensorReader(str(tmp_path))
   assert a.names() == b.names()

@@ -484,7 +484,7 @@ def test_every_model_stack_and_moe_field_is_in_every_shipped_config():
     model_cls = MODELS[c.model.name][1]
     for cls, node in ((model_cls, c.model), (TransformerConfig, c.model)) + (
         ((MoEConfig, c.model.moe),) if c.model.moe else ()):
-      missing = {f.name for f in dataclasses.fields(cls)} - {"moe", "encoder", "decoder"} - set(
+      missing = {f.name for f in dataclasses.fields(cls)} - {"moe", "mla", "encoder", "decoder"} - set(
           node.keys())
       assert not missing, (c.model.name, cls.__name__, missing)
     if c.model.moe:  # the router too, as a dict of all its options

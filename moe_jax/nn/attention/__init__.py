@@ -1,4 +1,6 @@
-"""Attention: multi-head self-attention with RoPE (mha.py)."""
-from moe_jax.nn.attention.mha import SelfAttention, apply_rope
+"""Attention: multi-head self-attention with RoPE, GQA and the KV cache (mha.py);
+multi-head latent attention (mla.py)."""
+from moe_jax.nn.attention.mha import SelfAttention, apply_rope, attend_with_cache
+from moe_jax.nn.attention.mla import LatentAttention
 
-__all__ = ["SelfAttention", "apply_rope"]
+__all__ = ["LatentAttention", "SelfAttention", "apply_rope", "attend_with_cache"]

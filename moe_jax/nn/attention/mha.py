@@ -25,6 +25,35 @@ def apply_rope(x_BSHQ: jax.Array, positions_BS: jax.Array,
   return out.astype(x_BSHQ.dtype)
 
 
+def attend_with_cache(module: nn.Module, q_BSHQ, k_BSYQ, v_BSYQ, mask_BS) -> jax.Array:
+  """Causal attention of S new tokens over every cached slot, after writing theirs.
+
+  The cache lives in `module`'s "cache" collection (preallocated by the first,
+  max-length call that creates it; see moe_jax/inference/cache.py): L slots of keys and
+  values, which slots hold a real token, and the next free slot. A new token at slot i
+  sees the real slots <= i."""
+  creating = not module.has_variable("cache", "key_BLYQ")
+  key = module.variable("cache", "key_BLYQ", jnp.zeros, k_BSYQ.shape, k_BSYQ.dtype)
+  value = module.variable("cache", "value_BLYQ", jnp.zeros, v_BSYQ.shape, v_BSYQ.dtype)
+  real = module.variable("cache", "real_BL", jnp.zeros, k_BSYQ.shape[:2], jnp.bool_)
+  index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+  B, S = q_BSHQ.shape[:2]
+  if creating:  # shapes only: this call's output is not used
+    return jnp.zeros(q_BSHQ.shape[:3] + v_BSYQ.shape[3:], q_BSHQ.dtype)
+  i, L = index.value, key.value.shape[1]
+  key.value = jax.lax.dynamic_update_slice(key.value, k_BSYQ.astype(key.value.dtype),
+                                           (0, i, 0, 0))
+  value.value = jax.lax.dynamic_update_slice(value.value, v_BSYQ.astype(value.value.dtype),
+                                             (0, i, 0, 0))
+  new_real = jnp.ones((B, S), jnp.bool_) if mask_BS is None else mask_BS.astype(bool)
+  real.value = jax.lax.dynamic_update_slice(real.value, new_real, (0, i))
+  index.value = i + S
+  slot_S = i + jnp.arange(S)
+  visible_BSL = real.value[:, None, :] & (jnp.arange(L)[None, None, :] <= slot_S[None, :, None])
+  return jax.nn.dot_product_attention(q_BSHQ, key.value, value.value,
+                                      mask=visible_BSL[:, None, :, :])
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention; causal for decoders, key-padding mask optional.
 
@@ -72,7 +101,7 @@ class SelfAttention(nn.Module):
     # Fewer key/value heads than query heads: dot_product_attention shares each across
     # H / Y query heads.
     if self.decode:
-      o_BSHQ = self._attend_with_cache(q, k, v, mask_BS)
+      o_BSHQ = attend_with_cache(self, q, k, v, mask_BS)
     else:
       mask = None if mask_BS is None else mask_BS[:, None, None, :].astype(bool)
       o_BSHQ = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
@@ -80,33 +109,6 @@ class SelfAttention(nn.Module):
                                                 in_axis=(0, 1), out_axis=2)
     w_out = self.param("w_out_HQD", out_init, (H, Q, D), self.param_dtype).astype(self.dtype)
     return jnp.einsum("BSHQ,HQD->BSD", o_BSHQ, w_out)
-
-  def _attend_with_cache(self, q_BSHQ, k_BSYQ, v_BSYQ, mask_BS):
-    """Causal attention of S new tokens over every cached slot, after writing theirs.
-
-    The cache (preallocated by the first, max-length call that creates it; see
-    moe_jax/inference/cache.py) holds L slots of keys and values, which slots hold a real
-    token, and the next free slot. A new token at slot i sees the real slots <= i."""
-    creating = not self.has_variable("cache", "key_BLYQ")
-    key = self.variable("cache", "key_BLYQ", jnp.zeros, k_BSYQ.shape, k_BSYQ.dtype)
-    value = self.variable("cache", "value_BLYQ", jnp.zeros, v_BSYQ.shape, v_BSYQ.dtype)
-    real = self.variable("cache", "real_BL", jnp.zeros, k_BSYQ.shape[:2], jnp.bool_)
-    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-    B, S = q_BSHQ.shape[:2]
-    if creating:  # shapes only: this call's output is not used
-      return jnp.zeros(q_BSHQ.shape, q_BSHQ.dtype)
-    i, L = index.value, key.value.shape[1]
-    key.value = jax.lax.dynamic_update_slice(key.value, k_BSYQ.astype(key.value.dtype),
-                                             (0, i, 0, 0))
-    value.value = jax.lax.dynamic_update_slice(value.value, v_BSYQ.astype(value.value.dtype),
-                                               (0, i, 0, 0))
-    new_real = jnp.ones((B, S), jnp.bool_) if mask_BS is None else mask_BS.astype(bool)
-    real.value = jax.lax.dynamic_update_slice(real.value, new_real, (0, i))
-    index.value = i + S
-    slot_S = i + jnp.arange(S)
-    visible_BSL = real.value[:, None, :] & (jnp.arange(L)[None, None, :] <= slot_S[None, :, None])
-    return jax.nn.dot_product_attention(q_BSHQ, key.value, value.value,
-                                        mask=visible_BSL[:, None, :, :])
 
   def _project_separately(self, x_BSD, init):
     D, H, Q = x_BSD.shape[-1], self.num_heads, self.head_dim
