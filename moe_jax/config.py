@@ -172,6 +172,7 @@ class TransformerConfig:
   qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
   qk_norm: str = "none"  # RMSNorm of q and k: "head" (per head: Qwen3), "full" (OLMoE)
   mla: MLAConfig | None = None  # multi-head latent attention instead of q/k/v heads
+  sliding_window: int | None = None  # decoder: attend to the last W tokens only (Mixtral)
   dropout_rate: float = 0.0
   moe: MoEConfig | None = None
   moe_every: int | None = None
@@ -208,6 +209,10 @@ class TransformerConfig:
       V.check_int_range("moe_last", self.moe_last, lo=0, hi=self.num_layers)
     for i in self.moe_layers:
       V.check_int_range("moe_layers[i]", i, lo=0, hi=self.num_layers - 1)
+    if self.sliding_window is not None:
+      V.check_int_range("sliding_window", self.sliding_window, lo=1)
+      if not self.causal or self.mla is not None:
+        raise ValueError("sliding_window is for causal q/k/v attention (causal=True, no mla)")
     if self.mla is not None and not self.causal:
       raise ValueError("mla (multi-head latent attention) is a decoder attention: set causal=True")
     if self.moe is None and self.moe_layer_indices():

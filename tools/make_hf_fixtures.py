@@ -29,10 +29,11 @@ OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
               max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
 FAMILIES = {
-    # GQA (2 key/value heads), softmax top-2 renormalised, every layer MoE.
+    # GQA (2 key/value heads), softmax top-2 renormalised, every layer MoE, a sliding
+    # window of 5 tokens (shorter than the 12-token batch and the greedy continuation).
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
                 dict(COMMON, num_key_value_heads=2, intermediate_size=24, num_local_experts=4,
-                     num_experts_per_tok=2, rope_theta=1e6)),
+                     num_experts_per_tok=2, rope_theta=1e6, sliding_window=5)),
     # q/k/v biases, top-2 not renormalised, a gated shared expert, a dense first layer.
     "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
                   dict(COMMON, num_key_value_heads=4, intermediate_size=40,

@@ -113,9 +113,10 @@ def model_config(hf: Mapping[str, Any]) -> dict[str, Any]:
         f"{model_type} import (it could change the outputs); fields understood: "
         f"{', '.join(sorted(known - NEUTRAL))}")
   _check(hf, "hidden_act", hf.get("hidden_act", "silu") == "silu", "only silu (SwiGLU) experts")
-  _check(hf, "sliding_window", not hf.get("sliding_window") or (
-      model_type != "mixtral" and not hf.get("use_sliding_window")), "no sliding-window attention")
-  _check(hf, "use_sliding_window", not hf.get("use_sliding_window"), "no sliding-window attention")
+  # Qwen's configs carry a sliding_window that use_sliding_window switches on (per layer,
+  # with max_window_layers): not reproduced. Mixtral's applies to every layer when set.
+  _check(hf, "use_sliding_window", not hf.get("use_sliding_window"),
+         "per-layer sliding windows (Qwen) are not reproduced")
   _check(hf, "attention_bias", not hf.get("attention_bias"), "no o_proj bias")
   _check(hf, "clip_qkv", hf.get("clip_qkv") is None, "no q/k/v clipping")
   _check(hf, "layer_types", all(t == "full_attention" for t in hf.get("layer_types") or ()),
@@ -161,6 +162,8 @@ def model_config(hf: Mapping[str, Any]) -> dict[str, Any]:
               mlp_dim=int(hf["intermediate_size"]), causal=True, rope=True,
               rope_max_wavelength=_rope_theta(hf),
               qkv_bias=bool(hf.get("qkv_bias", fam.qkv_bias)), qk_norm=fam.qk_norm,
+              sliding_window=(int(hf["sliding_window"]) if model_type == "mixtral"
+                              and hf.get("sliding_window") else None),
               norm_eps=float(hf.get("rms_norm_eps", 1e-6)), moe=moe, moe_layers=moe_layers,
               lm_head_bias=False, tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 

@@ -49,7 +49,8 @@ class Block(nn.Module):
       attention = SelfAttention(cfg.num_heads, cfg.resolved_head_dim, causal=cfg.causal,
                                 rope=cfg.uses_rope, rope_max_wavelength=cfg.rope_max_wavelength,
                                 num_kv_heads=cfg.num_kv_heads, qkv_bias=cfg.qkv_bias,
-                                qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, decode=self.decode,
+                                qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+                                sliding_window=cfg.sliding_window, decode=self.decode,
                                 dtype=self.dtype, param_dtype=self.param_dtype, name="attention")
     h = attention(norm("attention_norm")(x_BSD), mask_BS=mask_BS, positions_BS=positions_BS)
     x_BSD = x_BSD + drop(h)

@@ -43,6 +43,7 @@ def test_the_family_configs_use_the_features_they_are_meant_to_check():
   mixtral, qwen2, qwen3, olmoe, deepseek = (read(f) for f in FAMILIES)
   assert mixtral["num_kv_heads"] == 2 and mixtral["moe"]["router"]["renormalize"]
   assert mixtral["rope_max_wavelength"] == 1e6 and mixtral["moe_layers"] == (0, 1, 2)
+  assert mixtral["sliding_window"] == 5 and qwen2["sliding_window"] is None
   assert qwen2["qkv_bias"] and qwen2["moe"]["shared_expert_gate"] and qwen2["moe_layers"] == (1, 2)
   assert not qwen2["moe"]["router"]["renormalize"]
   assert qwen3["qk_norm"] == "head" and qwen3["moe_layers"] == (0, 2) and qwen3["head_dim"] == 8
@@ -52,6 +53,14 @@ def test_the_family_configs_use_the_features_they_are_meant_to_check():
   router = deepseek["moe"]["router"]
   assert (router["score"], router["n_group"], router["topk_group"]) == ("sigmoid", 4, 2)
   assert router["routed_scaling_factor"] == 2.5 and router["bias_update_rate"] > 0
+
+
+def test_mixtral_sliding_window_changes_the_logits():
+  model, variables = load_hf(os.path.join(FIXTURES, "mixtral"))
+  ref = np.load(os.path.join(FIXTURES, "mixtral", "reference.npz"))
+  unwindowed = _logits(dict(model, sliding_window=None), variables, ref["tokens"])
+  assert np.abs(unwindowed[:, 5:] - ref["logits"][:, 5:]).max() > 1e-3  # the window matters
+  np.testing.assert_allclose(unwindowed[:, :5], ref["logits"][:, :5], atol=2e-5)  # not before
 
 
 def test_deepseek_correction_bias_is_router_state_and_steers_the_choice():

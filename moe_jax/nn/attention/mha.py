@@ -25,13 +25,15 @@ def apply_rope(x_BSHQ: jax.Array, positions_BS: jax.Array,
   return out.astype(x_BSHQ.dtype)
 
 
-def attend_with_cache(module: nn.Module, q_BSHQ, k_BSYQ, v_BSYQ, mask_BS) -> jax.Array:
+def attend_with_cache(module: nn.Module, q_BSHQ, k_BSYQ, v_BSYQ, mask_BS,
+                      window: int | None = None) -> jax.Array:
   """Causal attention of S new tokens over every cached slot, after writing theirs.
 
   The cache lives in `module`'s "cache" collection (preallocated by the first,
   max-length call that creates it; see moe_jax/inference/cache.py): L slots of keys and
   values, which slots hold a real token, and the next free slot. A new token at slot i
-  sees the real slots <= i."""
+  sees the real slots <= i (and > i - window with a sliding window: a row's real
+  tokens fill consecutive slots, so slot distance is token distance)."""
   creating = not module.has_variable("cache", "key_BLYQ")
   key = module.variable("cache", "key_BLYQ", jnp.zeros, k_BSYQ.shape, k_BSYQ.dtype)
   value = module.variable("cache", "value_BLYQ", jnp.zeros, v_BSYQ.shape, v_BSYQ.dtype)
@@ -50,6 +52,8 @@ def attend_with_cache(module: nn.Module, q_BSHQ, k_BSYQ, v_BSYQ, mask_BS) -> jax
   index.value = i + S
   slot_S = i + jnp.arange(S)
   visible_BSL = real.value[:, None, :] & (jnp.arange(L)[None, None, :] <= slot_S[None, :, None])
+  if window is not None:
+    visible_BSL &= jnp.arange(L)[None, None, :] > slot_S[None, :, None] - window
   return jax.nn.dot_product_attention(q_BSHQ, key.value, value.value,
                                       mask=visible_BSL[:, None, :, :])
 
@@ -72,6 +76,7 @@ class SelfAttention(nn.Module):
   qkv_bias: bool = False
   qk_norm: str = "none"
   norm_eps: float = 1e-6
+  sliding_window: int | None = None  # causal: each token sees itself and W - 1 before it
   decode: bool = False  # keys/values of earlier calls kept in the "cache" collection
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -101,10 +106,12 @@ class SelfAttention(nn.Module):
     # Fewer key/value heads than query heads: dot_product_attention shares each across
     # H / Y query heads.
     if self.decode:
-      o_BSHQ = attend_with_cache(self, q, k, v, mask_BS)
+      o_BSHQ = attend_with_cache(self, q, k, v, mask_BS, self.sliding_window)
     else:
       mask = None if mask_BS is None else mask_BS[:, None, None, :].astype(bool)
-      o_BSHQ = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
+      window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
+      o_BSHQ = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
+                                            local_window_size=window)
     out_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                 in_axis=(0, 1), out_axis=2)
     w_out = self.param("w_out_HQD", out_init, (H, Q, D), self.param_dtype).astype(self.dtype)
