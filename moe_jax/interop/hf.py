@@ -14,12 +14,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from moe_jax.interop import hf_families as fams
 from moe_jax.interop.safetensors_io import TensorReader, write_tensors
 
-DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # BF16: via ml_dtypes
+DTYPES = ("F32", "F16", "BF16")  # weights are computed on in float32 after the read
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
@@ -173,12 +174,16 @@ def save_hf(model: Mapping[str, Any], variables: Mapping, directory: str,
   Arrays sharded over a mesh are gathered one parameter at a time (jax.device_get)."""
   import jax  # noqa: PLC0415
 
+  # Tensors go out in the checkpoint's own dtype (config.json "dtype" / "torch_dtype"),
+  # so a bfloat16 import exports bfloat16, bit for bit.
+  dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(
+      str(hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"), np.float32)
   tensors: dict[str, np.ndarray] = {}
   for e in fams.entries(hf_config, model):
     value = np.asarray(jax.device_get(_get(variables[e.collection], e.path)), dtype=np.float32)
     parts = list(value) if e.stacked else [value]
     for name, part in zip(e.hf, parts):
-      tensors[name] = _to_hf(e.kind, part)
+      tensors[name] = _to_hf(e.kind, part).astype(dtype)
   os.makedirs(directory, exist_ok=True)
   files = write_tensors(directory, tensors, max_shard_bytes)
   with open(os.path.join(directory, "config.json"), "w") as f:

@@ -2,8 +2,10 @@
 
 A directory holds `model.safetensors`, or shards listed in
 `model.safetensors.index.json` ({"weight_map": {tensor name: file}}). `TensorReader`
-opens each file memory-mapped and reads one tensor when asked, so a checkpoint is never
-loaded whole.
+memory-maps each file and reads one tensor (or one slice of it) when asked, so a
+checkpoint is never loaded whole. The format is an 8-byte header length, a JSON header
+({name: {dtype, shape, data_offsets}}) and the raw bytes; it is read here directly
+because safetensors' numpy loader has no bfloat16, the dtype most checkpoints ship in.
 """
 from __future__ import annotations
 
@@ -11,12 +13,23 @@ import json
 import os
 from collections.abc import Mapping
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+          "BOOL": np.bool_}
+
+
+def read_header(path: str) -> tuple[int, dict]:
+  """(offset of the data, {tensor name: {"dtype", "shape", "data_offsets"}})."""
+  with open(path, "rb") as f:
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size))
+  header.pop("__metadata__", None)
+  return 8 + size, header
 
 
 class TensorReader:
@@ -29,34 +42,67 @@ class TensorReader:
       with open(index) as f:
         self._file_of = dict(json.load(f)["weight_map"])
     elif os.path.exists(os.path.join(directory, SINGLE)):
-      with safe_open(os.path.join(directory, SINGLE), "np") as f:
-        self._file_of = {name: SINGLE for name in f.keys()}
+      self._file_of = {name: SINGLE for name in read_header(os.path.join(directory, SINGLE))[1]}
     else:
       raise ValueError(f"{directory} has no {SINGLE} and no {INDEX}")
-    self._open: dict[str, object] = {}
+    self._headers: dict[str, tuple[int, dict]] = {}
 
   def names(self) -> set[str]:
     return set(self._file_of)
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._handle(name).get_slice(name).get_shape())
+    return tuple(self._entry(name)[1]["shape"])
 
   def dtype(self, name: str) -> str:
-    return self._handle(name).get_slice(name).get_dtype()
+    return self._entry(name)[1]["dtype"]
 
   def get(self, name: str) -> np.ndarray:
-    return self._handle(name).get_tensor(name)
+    """The tensor as a read-only memory map (pages are read when touched)."""
+    path, entry, start = self._entry(name)
+    if entry["dtype"] not in DTYPES:
+      raise ValueError(f"tensor {name} has dtype {entry['dtype']}, which is not supported")
+    begin, end = entry["data_offsets"]
+    if end == begin:
+      return np.zeros(entry["shape"], DTYPES[entry["dtype"]])
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
+    return raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
-  def _handle(self, name: str):
+  def _entry(self, name: str) -> tuple[str, dict, int]:
     if name not in self._file_of:
       raise KeyError(name)
     file = self._file_of[name]
-    if file not in self._open:
-      path = os.path.join(self.directory, file)
+    path = os.path.join(self.directory, file)
+    if file not in self._headers:
       if not os.path.exists(path):
         raise ValueError(f"{INDEX} names {file} for {name}, but {path} does not exist")
-      self._open[file] = safe_open(path, "np")
-    return self._open[file]
+      self._headers[file] = read_header(path)
+    start, header = self._headers[file]
+    if name not in header:
+      raise ValueError(f"{INDEX} puts {name} in {file}, but that file does not hold it")
+    return path, header[name], start
+
+
+def write_file(path: str, tensors: Mapping[str, np.ndarray]) -> None:
+  """One safetensors file (any dtype in DTYPES, bfloat16 included)."""
+  names = {np.dtype(v): k for k, v in DTYPES.items()}
+  header: dict = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  arrays = {}
+  for name in sorted(tensors):
+    array = np.ascontiguousarray(tensors[name])
+    if array.dtype not in names:
+      raise ValueError(f"tensor {name} has dtype {array.dtype}, which safetensors cannot hold")
+    header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
+                    "data_offsets": [offset, offset + array.nbytes]}
+    arrays[name] = array
+    offset += array.nbytes
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+  with open(path, "wb") as f:
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+    for name in sorted(arrays):
+      f.write(arrays[name].tobytes())
 
 
 def write_tensors(directory: str, tensors: Mapping[str, np.ndarray],
@@ -73,12 +119,12 @@ def write_tensors(directory: str, tensors: Mapping[str, np.ndarray],
     shards[-1][name] = array
     size += array.nbytes
   if len(shards) == 1:
-    save_file(shards[0], os.path.join(directory, SINGLE), metadata={"format": "pt"})
+    write_file(os.path.join(directory, SINGLE), shards[0])
     return [SINGLE]
   files, weight_map = [], {}
   for i, shard in enumerate(shards):
     file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+    write_file(os.path.join(directory, file), shard)
     files.append(file)
     weight_map.update({name: file for name in shard})
   total = sum(int(np.asarray(t).nbytes) for t in tensors.values())

@@ -162,3 +162,24 @@ def test_missing_and_extra_tensors_are_named(tmp_path):
     want = ("tensor model.layers.2.mlp.experts.3.up_proj.weight is missing" if change == "missing"
             else "tensor model.layers.2.mlp.experts.4.up_proj.weight is not used")
     assert want in str(info.value) and "nothing was loaded" in str(info.value)
+
+
+def test_a_bfloat16_checkpoint_imports_and_exports_bit_for_bit(tmp_path):
+  import ml_dtypes
+
+  from moe_jax.interop.safetensors_io import write_file
+  src = _copy(tmp_path)  # olmoe
+  reader = TensorReader(str(src))
+  bf16 = {n: np.asarray(reader.get(n), np.float32).astype(ml_dtypes.bfloat16)
+          for n in reader.names()}
+  write_file(str(src / "model.safetensors"), bf16)
+  _edit_config(src, dtype="bfloat16")
+  model, variables = load_hf(str(src))
+  ref = np.load(os.path.join(FIXTURES, "olmoe", "reference.npz"))
+  logits = _logits(model, variables, ref["tokens"])  # float32 math on bf16-rounded weights
+  assert 1e-4 < np.abs(logits - ref["logits"]).max() < 0.2
+  save_hf(model, variables, str(tmp_path / "out"), json.loads((src / "config.json").read_text()))
+  out = TensorReader(str(tmp_path / "out"))
+  for name in bf16:
+    assert out.dtype(name) == "BF16"
+    np.testing.assert_array_equal(out.get(name).view(np.uint16), bf16[name].view(np.uint16))
