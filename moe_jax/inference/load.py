@@ -3,6 +3,7 @@ checkpoint directory, with its tokenizer.
 
 - A Hugging Face directory (config.json with a model_type): imported on the fly
   (moe_jax/interop/hf.py); tokenizer.json, when present, encodes prompts and decodes.
+- An import written by `experiments.convert --from=hf` (imported.json, params/).
 - A moe_jax workdir (config.json written by experiments.train): the model config from
   it and params + router state from the latest (or a chosen) checkpoint; byte-level text
   (the shipped LM configs), or the workdir's tokenizer.json when one is there.
@@ -41,13 +42,22 @@ def load_for_generation(workdir: str, step: int | None = None
                         ) -> tuple[dict[str, Any], dict[str, Any], Any, str]:
   """(model config, variables, tokenizer or None, description)."""
   path = os.path.join(workdir, "config.json")
+  tokenizer_json = os.path.join(workdir, "tokenizer.json")
+  tokenizer = HFTokenizer(tokenizer_json) if os.path.exists(tokenizer_json) else None
+  if os.path.exists(os.path.join(workdir, "imported.json")):
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    with open(os.path.join(workdir, "imported.json")) as f:
+      record = json.load(f)
+    variables = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(workdir),
+                                                                "params"))
+    return (record["model"], variables, tokenizer or _bytes_if_fits(record["model"]),
+            f"the {record['hf_config'].get('model_type')} import in {workdir}")
   if not os.path.exists(path):
     raise ValueError(f"{workdir} has no config.json: give a workdir written by "
                      "experiments.train or a Hugging Face checkpoint directory")
   with open(path) as f:
     config = json.load(f)
-  tokenizer_json = os.path.join(workdir, "tokenizer.json")
-  tokenizer = HFTokenizer(tokenizer_json) if os.path.exists(tokenizer_json) else None
   if "model_type" in config:
     from moe_jax.interop.hf import load_hf  # noqa: PLC0415
 
@@ -71,7 +81,10 @@ def load_for_generation(workdir: str, step: int | None = None
   if state.get("router_state"):
     variables["router_state"] = state["router_state"]
   model = config["model"]
-  if tokenizer is None and int(model.get("vocab_size", ByteTokenizer.vocab_size)) == \
-      ByteTokenizer.vocab_size:
-    tokenizer = BytePrompts()
-  return model, variables, tokenizer, f"checkpoint {step} of {workdir}"
+  return model, variables, tokenizer or _bytes_if_fits(model), f"checkpoint {step} of {workdir}"
+
+
+def _bytes_if_fits(model) -> BytePrompts | None:
+  """Byte-level text for models with the byte vocabulary (the shipped LM configs)."""
+  vocab = int(model.get("vocab_size", ByteTokenizer.vocab_size))
+  return BytePrompts() if vocab == ByteTokenizer.vocab_size else None

@@ -57,7 +57,8 @@ class TensorReader:
     return self._entry(name)[1]["dtype"]
 
   def get(self, name: str) -> np.ndarray:
-    """The tensor as a read-only memory map (pages are read when touched)."""
+    """A copy of the tensor (read through a memory map: only its bytes; a copy, so the
+    file may be rewritten while the array lives)."""
     path, entry, start = self._entry(name)
     if entry["dtype"] not in DTYPES:
       raise ValueError(f"tensor {name} has dtype {entry['dtype']}, which is not supported")
@@ -65,7 +66,7 @@ class TensorReader:
     if end == begin:
       return np.zeros(entry["shape"], DTYPES[entry["dtype"]])
     raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
-    return raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return np.array(raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"]))
 
   def _entry(self, name: str) -> tuple[str, dict, int]:
     if name not in self._file_of:

@@ -48,6 +48,19 @@ def test_import_finetune_export_round_trip(tmp_path, family):
     np.testing.assert_array_equal(x, y)
 
 
+def test_generate_decodes_an_import_like_transformers(tmp_path):
+  from moe_jax.inference import Generator, SamplingConfig
+  from moe_jax.inference.load import load_for_generation
+  dst = str(tmp_path / "imported")
+  convert.import_hf(FIXTURE, dst)
+  model, variables, tokenizer, what = load_for_generation(dst)
+  assert what == f"the qwen3_moe import in {dst}" and tokenizer is not None  # 257 ids: bytes
+  ref = np.load(os.path.join(FIXTURE, "reference.npz"))
+  prompt = ref["greedy_prompt"][0].tolist()
+  want = ref["greedy"][0, len(prompt):].tolist()
+  assert Generator(model, variables)([prompt], SamplingConfig(max_new_tokens=len(want)))[0] == want
+
+
 def test_init_params_that_do_not_fit_are_one_line(tmp_path):
   dst = str(tmp_path / "imported")
   convert.import_hf(FIXTURE, dst)

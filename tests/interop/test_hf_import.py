@@ -147,6 +147,18 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
                       "the config needs (4, 32, 20)")
 
 
+def test_an_unsupported_dtype_is_named(tmp_path):
+  from moe_jax.interop.safetensors_io import write_file
+  src = _copy(tmp_path)
+  reader = TensorReader(str(src))
+  tensors = {n: np.asarray(reader.get(n)) for n in reader.names()}
+  tensors["model.norm.weight"] = tensors["model.norm.weight"].astype(np.int8)
+  write_file(str(src / "model.safetensors"), tensors)
+  with pytest.raises(ValueError, match=r"tensor model.norm.weight has dtype I8; supported: "
+                                       r"F32, F16, BF16$"):
+    load_hf(str(src))
+
+
 def test_missing_and_extra_tensors_are_named(tmp_path):
   from safetensors.numpy import load_file, save_file
   for change in ("missing", "extra"):
