@@ -31,10 +31,10 @@ def test_greedy_output_equals_transformers_greedy(family):
   assert Generator(model, variables)([prompt], SamplingConfig(max_new_tokens=len(want)))[0] == want
 
 
-def _uncached_logits(model, variables, sequence):
+def _uncached_logits(model, variables, sequences):
   module = build_model(decode_model_config(model))
-  return np.asarray(module.apply(variables, jnp.asarray([sequence], jnp.int32),
-                                 method=module.logits))[0]
+  return np.asarray(module.apply(variables, jnp.asarray(sequences, jnp.int32),
+                                 method=module.logits))
 
 
 def _tiny_lm():
@@ -55,9 +55,13 @@ def test_cached_decoding_equals_uncached_logits_at_every_step(which):
   outs, logits = Generator(model, variables)(prompts, SamplingConfig(max_new_tokens=6),
                                              return_logits=True)
   assert logits.shape[:2] == (6, 3)
+  # Every row unpadded on the left, no cache, in one call (right padding cannot reach
+  # earlier positions of a causal model).
+  sequences = [prompt + out for prompt, out in zip(prompts, outs)]
+  width = max(map(len, sequences))
+  full_all = _uncached_logits(model, variables, [s + [0] * (width - len(s)) for s in sequences])
   for b, prompt in enumerate(prompts):
-    sequence = prompt + outs[b]
-    full = _uncached_logits(model, variables, sequence)  # one row, no padding, no cache
+    full = full_all[b]
     for t in range(len(outs[b])):
       np.testing.assert_allclose(logits[t, b], full[len(prompt) - 1 + t], atol=1e-4, rtol=0,
                                  err_msg=f"row {b} step {t}")

@@ -22,9 +22,24 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+  """One persistent compilation cache for the module's launches: a relaunch, or another
+  test's launch of the same program, skips the compile."""
+  global _CACHE
+  _CACHE = str(tmp_path_factory.mktemp("jax_cache"))
+  yield
+
+
+_CACHE = None
+
+
 def _env(devices, **extra):
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "MOE_JAX_"))}
-  return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+  cache = {"JAX_COMPILATION_CACHE_DIR": _CACHE,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"} if _CACHE else {}
+  return {**env, **cache, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+          **extra}
 
 
 def _one_process(args):
@@ -108,9 +123,9 @@ def test_processes_with_different_configs_are_refused(tmp_path):
 def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
   """Preemption reaches one host first: JAX's preemption sync point makes every process
   stop after the same step, which is saved; the relaunch resumes from it."""
-  args = [*LM, f"--workdir={tmp_path}", "--config.train.num_steps=60",
-          "--config.train.log_every=5", "--config.train.checkpoint_every=50",
-          "--config.train.eval_every=60"]
+  args = [*LM, f"--workdir={tmp_path}", "--config.train.num_steps=30",
+          "--config.train.log_every=5", "--config.train.checkpoint_every=25",
+          "--config.train.eval_every=30"]
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, *args], cwd=REPO,
                             env=_env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
@@ -118,7 +133,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   for line in procs[0].stdout:
-    if line.startswith("step 10/"):
+    if line.startswith("step 5/"):
       break
   procs[1].terminate()  # SIGTERM to process 1 only
   outs = [p.communicate(timeout=300) for p in procs]
@@ -127,7 +142,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
              for _, err in outs]
   assert stopped[0] == stopped[1]
   step = int(stopped[0].split("after step ")[1].split(":")[0])
-  assert 10 <= step < 60 and str(step) in os.listdir(tmp_path / "checkpoints")
+  assert 5 <= step < 30 and str(step) in os.listdir(tmp_path / "checkpoints")
   runs = _two_processes(args)
   assert [rc for rc, _, _ in runs] == [0, 0], runs[0][2][-2000:]
-  assert f"at step {step}" in runs[0][1] and "step 60/60" in runs[0][1]
+  assert f"at step {step}" in runs[0][1] and "step 30/30" in runs[0][1]
