@@ -15,6 +15,7 @@ Nothing is written to --dst unless the whole conversion succeeded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import tempfile
 
 from absl import app, flags, logging
 
+from moe_jax.inference.load import checkpoint_variables
 from moe_jax.interop.hf import load_hf, read_hf_config, save_hf
 
 _FROM = flags.DEFINE_enum("from", None, ["hf"], "import from this format")
@@ -44,6 +46,23 @@ def get_config(arg=None):
 '''
 
 
+@contextlib.contextmanager
+def _all_or_nothing(dst: str):
+  """A temporary directory beside `dst`, renamed to it when the block succeeds and
+  removed when it fails."""
+  parent = os.path.dirname(os.path.abspath(dst)) or "."
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+  try:
+    yield tmp
+    if os.path.exists(dst):
+      os.rmdir(dst)  # empty: _fresh_dst checked
+    os.rename(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def _fresh_dst(dst: str) -> None:
   if os.path.exists(dst) and os.listdir(dst):
     raise ValueError(f"--dst={dst} exists and is not empty; give a new directory")
@@ -55,10 +74,7 @@ def import_hf(src: str, dst: str) -> None:
   _fresh_dst(dst)
   model, variables = load_hf(src)  # every check first: nothing is written on a bad checkpoint
   hf_config = read_hf_config(src)
-  parent = os.path.dirname(os.path.abspath(dst)) or "."
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-  try:
+  with _all_or_nothing(dst) as tmp:
     with ocp.StandardCheckpointer() as checkpointer:  # saves in the background: wait
       checkpointer.save(os.path.join(tmp, "params"), variables)
       checkpointer.wait_until_finished()
@@ -69,12 +85,6 @@ def import_hf(src: str, dst: str) -> None:
       shutil.copy(os.path.join(src, "tokenizer.json"), tmp)
     with open(os.path.join(tmp, "experiment.py"), "w") as f:
       f.write(EXPERIMENT.format(src=os.path.abspath(src), dst=os.path.abspath(dst)))
-    if os.path.exists(dst):
-      os.rmdir(dst)
-    os.rename(tmp, dst)  # all or nothing
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   n = sum(x.size for x in __import__("jax").tree.leaves(variables["params"]))
   print(f"imported {hf_config['model_type']} ({n / 1e6:.2f}M parameters, "
         f"{len(model['moe_layers'])} MoE layers of {model['moe']['num_experts']} experts) to "
@@ -103,27 +113,13 @@ def export_hf(src: str, dst: str) -> None:
     with open(os.path.join(os.path.dirname(init), IMPORTED)) as f:
       record = json.load(f)
     record["model"] = config["model"]
-    ckpts = os.path.join(src, "checkpoints")
-    steps = sorted(int(s) for s in os.listdir(ckpts) if s.isdigit()) if os.path.isdir(ckpts) else []
-    if not steps:
-      raise ValueError(f"{src} has no checkpoint to export")
-    state = ocp.StandardCheckpointer().restore(os.path.join(ckpts, str(steps[-1]), "state"))
-    variables = {"params": state["params"], "router_state": state.get("router_state") or {}}
+    _, variables = checkpoint_variables(src)
   else:
     raise ValueError(f"{src} is neither an import ({IMPORTED}) nor a workdir (config.json)")
-  parent = os.path.dirname(os.path.abspath(dst)) or "."
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-  try:
+  with _all_or_nothing(dst) as tmp:
     files = save_hf(record["model"], variables, tmp, record["hf_config"])
     if os.path.exists(os.path.join(src, "tokenizer.json")):
       shutil.copy(os.path.join(src, "tokenizer.json"), tmp)
-    if os.path.exists(dst):
-      os.rmdir(dst)
-    os.rename(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   print(f"exported {record['hf_config']['model_type']} to {dst}: {', '.join(files)}")
 
 

@@ -26,6 +26,13 @@ _SKIP = {"moe", "mla", "encoder", "decoder"}
 # builds them in worker processes instead (for heavy Python preprocessing).
 LOADER = dict(num_workers=0, num_threads=1, prefetch=2)
 
+def stdlib_lm_task(batch_size: int, seq_len: int = 128) -> dict:
+  """Byte-level language modelling on the Python standard library's own source (fixed
+  held-out files): lm_tiny's task, and an import's default fine-tuning task."""
+  return dict(kind="lm", source="stdlib_text:train", eval_source="stdlib_text:validation",
+              modalities=("tokens",), batch_size=batch_size, source_args={"seq_len": seq_len})
+
+
 # What a run does when something goes wrong, shared by the shipped configs' `train`.
 RUN_POLICIES = dict(
     on_recompile="error",  # a task compiling twice stops the run ("warn": go on)

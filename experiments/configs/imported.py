@@ -15,7 +15,7 @@ import os
 
 import ml_collections
 
-from experiments.configs.fields import LOADER, RUN_POLICIES, expose_fields
+from experiments.configs.fields import LOADER, RUN_POLICIES, expose_fields, stdlib_lm_task
 from moe_jax.tokenizer import ByteTokenizer
 
 
@@ -31,9 +31,7 @@ def get_config(dst: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.aux_loss_weight = 1.0
   c.model = model
-  c.tasks = dict(stdlib_lm=dict(kind="lm", source="stdlib_text:train",
-                                eval_source="stdlib_text:validation", modalities=("tokens",),
-                                batch_size=8, source_args={"seq_len": 128}))
+  c.tasks = dict(stdlib_lm=stdlib_lm_task(batch_size=8))
   c.agd = dict(mode="agd", sampler="weighted")
   c.mesh = dict(data=1, fsdp=1, expert=1, model=1)
   c.data = dict(LOADER)

@@ -15,7 +15,7 @@ Results (2 CPU cores, 2026-11-30, 800 steps, 2.30M parameters): validation loss
 """
 import ml_collections
 
-from experiments.configs.fields import LOADER, RUN_POLICIES, expose_fields
+from experiments.configs.fields import LOADER, RUN_POLICIES, expose_fields, stdlib_lm_task
 
 # Every MoE layer routes each token to K=2 experts of width 256: 512 active hidden
 # units, the dense FFN width (mlp_dim) used everywhere in lm_tiny_dense.
@@ -42,9 +42,7 @@ def get_config(arg: str | None = None, moe: bool = True) -> ml_collections.Confi
   c.model = dict(name="lm", dtype="float32", d_model=128, num_layers=4, num_heads=4,
                  mlp_dim=512, causal=True, moe=MOE if moe else None,
                  moe_every=2 if moe else None)
-  c.tasks = dict(stdlib_lm=dict(kind="lm", source="stdlib_text:train",
-                                eval_source="stdlib_text:validation", modalities=("tokens",),
-                                batch_size=16, source_args={"seq_len": 128}))
+  c.tasks = dict(stdlib_lm=stdlib_lm_task(batch_size=16))
   c.agd = dict(mode="agd", sampler="weighted")
   # Device mesh (product = device count; all 1 = one device). E.g. on 8 devices
   # --config.mesh.data=2 --config.mesh.expert=4 (num_experts must divide by expert).

@@ -66,22 +66,30 @@ def load_for_generation(workdir: str, step: int | None = None
   if "model" not in config:
     raise ValueError(f"{path} is neither a Hugging Face config (model_type) nor a moe_jax "
                      "experiment config (model)")
+  step, variables = checkpoint_variables(workdir, step)
+  model = config["model"]
+  return model, variables, tokenizer or _bytes_if_fits(model), f"checkpoint {step} of {workdir}"
+
+
+def checkpoint_variables(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
+  """(step, {"params", and "router_state" when there is one}) of a training workdir's
+  latest (or given) checkpoint, read on the host."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   ckpts = os.path.join(workdir, "checkpoints")
   steps = sorted(int(s) for s in os.listdir(ckpts) if s.isdigit()) if os.path.isdir(ckpts) else []
   if not steps:
-    raise ValueError(f"{workdir} has no checkpoint to generate from (checkpoints/<step>)")
+    raise ValueError(f"{workdir} has no checkpoint (checkpoints/<step>)")
   if step is None:
     step = steps[-1]
   elif step not in steps:
     raise ValueError(f"{workdir} has no checkpoint {step}; it has {steps}")
-  state = ocp.StandardCheckpointer().restore(os.path.join(ckpts, str(step), "state"))
+  state = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(ckpts), str(step),
+                                                          "state"))
   variables = {"params": state["params"]}
   if state.get("router_state"):
     variables["router_state"] = state["router_state"]
-  model = config["model"]
-  return model, variables, tokenizer or _bytes_if_fits(model), f"checkpoint {step} of {workdir}"
+  return step, variables
 
 
 def _bytes_if_fits(model) -> BytePrompts | None:

@@ -141,14 +141,27 @@ def load_hf(directory: str, mesh=None, rules=None) -> tuple[dict[str, Any], dict
       logical = param_logical_axes([jax.tree_util.DictKey(k) for k in e.path], shape)
       sharding = jax.sharding.NamedSharding(mesh, spec_for(mesh, logical, shape,
                                                            rules or DEFAULT_RULES))
-      value = jax.make_array_from_callback(shape, sharding,
-                                           lambda index, e=e: read_slice(reader, e, index))
+      if e.stacked:  # each shard reads only its experts
+        read = lambda index, e=e: read_slice(reader, e, index)
+      else:  # small next to the banks: read once, sliced for every device that needs it
+        read = lambda index, whole=read_slice(reader, e, ()): whole[tuple(index)]
+      value = jax.make_array_from_callback(shape, sharding, read)
     _set(variables.setdefault(e.collection, {}), e.path, value)
   return model, variables
 
 
 def _converted_shape(e, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
-  return _to_ours(e.kind, np.empty(hf_shape, np.float32), e.heads).shape
+  """What _to_ours makes of a tensor of `hf_shape` (from the header: nothing is read)."""
+  s, h = tuple(hf_shape), e.heads
+  if e.kind == "copy":
+    return s
+  if e.kind == "linear":
+    return s[::-1]
+  if e.kind == "heads_in":
+    return (s[1], h, s[0] // h)
+  if e.kind == "heads_out":
+    return (h, s[1] // h, s[0])
+  return (h, s[0] // h)  # heads_bias
 
 
 def read_slice(reader: TensorReader, e, index: tuple) -> np.ndarray:
