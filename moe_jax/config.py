@@ -37,6 +37,9 @@ class MoEConfig:
       dropless on CPU), "dense" (every expert on every token; a reference) or
       "auto" (the fastest dropless one on this platform).
     experts: a registered expert type ("ffn": E stacked SwiGLU/GELU FFNs).
+    layer: the registered layer that fills an MoE position (moe_jax.nn.layers.MOE_LAYERS),
+      a name or dict(name=..., **its options): "moe" (MoELayer: router -> dispatch ->
+      experts) by default; see the layers package for the published variants.
     activation: "swiglu" or "gelu".
     capacity_factor: capacity while training; C = ceil(cf * S * k / E) for token
       choice with einsum, C = round(cf * S / E) for expert choice.
@@ -66,6 +69,7 @@ class MoEConfig:
   router: Any = "top_k"
   dispatch: str = "sorted"
   experts: str = "ffn"
+  layer: Any = "moe"
   activation: str = "swiglu"
   capacity_factor: float = 1.25
   eval_capacity_factor: float | None = None
@@ -83,6 +87,7 @@ class MoEConfig:
     # pylint: disable=import-outside-toplevel  (the registries import this module)
     from moe_jax.nn.dispatch import DISPATCHERS
     from moe_jax.nn.experts import EXPERTS
+    from moe_jax.nn.layers import check_layer_spec
     from moe_jax.nn.routing import RouterSpec, check_router_spec
     V.check_int_range("num_experts", self.num_experts, lo=1)
     V.check_int_range("expert_hidden_dim", self.expert_hidden_dim, lo=1)
@@ -90,6 +95,8 @@ class MoEConfig:
     check_router_spec(self.router, self.num_experts)
     DISPATCHERS.get(self.dispatch)
     EXPERTS.get(self.experts)
+    object.__setattr__(self, "layer", RouterSpec.parse(self.layer, "layer"))
+    check_layer_spec(self.layer)
     V.check_choice("activation", self.activation, ACTIVATIONS)
     V.check_choice("expert_parallel", self.expert_parallel, EXPERT_PARALLEL_MODES)
     V.check_positive("capacity_factor", self.capacity_factor)

@@ -17,6 +17,7 @@ from ml_collections import config_dict
 
 from moe_jax.config import MoEConfig, TransformerConfig
 from moe_jax.models import MODELS
+from moe_jax.nn.layers import MOE_LAYERS, layer_options
 from moe_jax.nn.routing import ROUTERS, RouterSpec
 from moe_jax.nn.routing.base import router_options
 
@@ -72,22 +73,22 @@ def _add_defaults(node, cls) -> None:
       node[field.name] = default
 
 
-def _expose_router(moe) -> None:
-  """model.moe.router as dict(name=..., every option of that router at its default), so
-  `--config.model.moe.router.jitter=0.01` works whatever the file wrote (a bare name
-  included)."""
-  router = moe.get("router", "top_k")
-  spec = RouterSpec.parse(router)
+def _expose_spec(moe, key: str, default: str, registry, options) -> None:
+  """model.moe.<key> (router, layer) as dict(name=..., every option of that component at
+  its default), so `--config.model.moe.router.jitter=0.01` works whatever the file wrote
+  (a bare name included)."""
+  value = moe.get(key, default)
+  spec = RouterSpec.parse(value, key)
   node = config_dict.ConfigDict(dict(name=spec.name, **spec.kwargs()))
-  router_cls = ROUTERS.get(spec.name)
-  for name in router_options(router_cls):
+  cls = registry.get(spec.name)
+  for name in options(cls):
     if name not in node:
-      field = next(f for f in dataclasses.fields(router_cls) if f.name == name)
+      field = next(f for f in dataclasses.fields(cls) if f.name == name)
       if field.default is not dataclasses.MISSING and field.default is not None:
         node[name] = field.default
-  if isinstance(router, str):  # a typed field: a string cannot become a dict in place
-    del moe["router"]
-  moe.router = node
+  if isinstance(value, str):  # a typed field: a string cannot become a dict in place
+    del moe[key]
+  moe[key] = node
 
 
 def expose_fields(c) -> None:
@@ -106,4 +107,5 @@ def expose_fields(c) -> None:
   _add_defaults(model, TransformerConfig)
   if model.get("moe"):
     _add_defaults(model.moe, MoEConfig)
-    _expose_router(model.moe)
+    _expose_spec(model.moe, "router", "top_k", ROUTERS, router_options)
+    _expose_spec(model.moe, "layer", "moe", MOE_LAYERS, layer_options)

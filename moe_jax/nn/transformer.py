@@ -20,7 +20,7 @@ from moe_jax.nn.attention import LatentAttention, SelfAttention
 from moe_jax.nn.context import Context
 from moe_jax.config import TransformerConfig
 from moe_jax.nn.experts import FeedForward
-from moe_jax.nn.layers import MoELayer
+from moe_jax.nn.layers import make_moe_layer
 
 
 class Block(nn.Module):
@@ -56,7 +56,7 @@ class Block(nn.Module):
     x_BSD = x_BSD + drop(h)
     h = norm("ffn_norm")(x_BSD)
     if self.use_moe:
-      h = MoELayer(cfg.moe, self.dtype, self.param_dtype, name="moe")(
+      h = make_moe_layer(cfg.moe, self.dtype, self.param_dtype)(
           h, deterministic=self.deterministic, context=context, token_mask=mask_BS)
     else:
       h = FeedForward(cfg.mlp_dim, cfg.activation, self.dtype, self.param_dtype, name="mlp")(h)

@@ -15,6 +15,7 @@ from moe_jax.nn import losses
 from moe_jax.nn.context import Context
 from moe_jax.nn.dispatch import CapacityOptions, get_dispatcher
 from moe_jax.nn.experts import EXPERTS, FeedForward
+from moe_jax.nn.layers import MOE_LAYERS
 from moe_jax.nn.routing import make_router
 from moe_jax.parallel.expert_parallel import expert_axis_size, expert_parallel_ffn
 
@@ -43,6 +44,7 @@ def drop_metrics(decision, kept_TK: jax.Array, num_experts: int,
   }
 
 
+@MOE_LAYERS.register("moe")
 class MoELayer(nn.Module):
   """Sparse MoE FFN over inputs of any leading shape [..., D].
 
@@ -122,3 +124,4 @@ class MoELayer(nn.Module):
                cfg.load_balance_weight * metrics["load_balance_loss"]
                + cfg.z_loss_weight * metrics["z_loss"])
     return y_TD.reshape(x.shape).astype(self.dtype)
+

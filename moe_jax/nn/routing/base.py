@@ -132,7 +132,9 @@ class RouterSpec:
   options: tuple[tuple[str, Any], ...] = ()
 
   @classmethod
-  def parse(cls, spec: "str | Mapping[str, Any] | RouterSpec") -> "RouterSpec":
+  def parse(cls, spec: "str | Mapping[str, Any] | RouterSpec", kind: str = "router"
+            ) -> "RouterSpec":
+    """`kind` names the config field in errors ("router", "layer": the same spec shape)."""
     if isinstance(spec, RouterSpec):
       return spec
     if isinstance(spec, str):
@@ -140,12 +142,13 @@ class RouterSpec:
     if isinstance(spec, Mapping) or hasattr(spec, "items"):  # dict, ConfigDict
       opts = dict(spec.items())
       if "name" not in opts:
-        raise ValueError(f"router={opts!r} needs a 'name' (registered: "
-                         f"{', '.join(repr(n) for n in ROUTERS.names())})")
+        names = ROUTERS.names() if kind == "router" else ()
+        raise ValueError(f"{kind}={opts!r} needs a 'name'" + (
+            f" (registered: {', '.join(repr(n) for n in names)})" if names else ""))
       name = opts.pop("name")
       return cls(name, tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
                                     for k, v in opts.items())))
-    raise ValueError(f"router must be a name or dict(name=..., **options); got {spec!r}")
+    raise ValueError(f"{kind} must be a name or dict(name=..., **options); got {spec!r}")
 
   def kwargs(self) -> dict[str, Any]:
     return dict(self.options)
