@@ -34,6 +34,8 @@ class Task:
     weight: sampling weight ("weighted" sampler) or steps per turn ("interval").
     microbatches: split the batch and accumulate gradients.
     source_args: ((name, value), ...) keyword arguments of the data source.
+    eval_source_args: the same for eval_source (None: source_args), e.g. to keep a
+      training-set size cut off the held-out split.
     prompt_template: zero-shot prompt made from a class name, e.g. "a handwritten {}".
     task_id: the task's index in the experiment (set by tasks_from_config); routers
       that condition on the task read it from the Context.
@@ -62,6 +64,7 @@ class Task:
   weight: float = 1.0
   microbatches: int = 1
   source_args: tuple[tuple[str, Any], ...] = ()
+  eval_source_args: tuple[tuple[str, Any], ...] | None = None
   prompt_template: str = "{}"
   task_id: int = 0
   transforms: tuple[str, ...] = ()

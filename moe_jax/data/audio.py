@@ -6,6 +6,8 @@ plus white Gaussian noise at 5-10 dB SNR (relative to the tone's power). The
 spectrogram is a numpy STFT (periodic Hann, n_fft 256, hop 120 -> 32 frames) through
 a hand-made 32-band triangular mel filterbank (300-3400 Hz, the telephone band),
 log(1e-6 + mel), normalised with fixed constants measured on the train split.
+Difficulty knob (source_args): `snr_db=(low, high)` draws the SNR from another range
+(e.g. (-8, -2) for a hard task).
 """
 from __future__ import annotations
 
@@ -53,14 +55,15 @@ def dtmf_tone(digit: int, num_samples: int, *, amplitude: float = 1.0,
     return np.float32(0.5 * amplitude) * wave
 
 
-def synthesize(digit: int, rng: np.random.Generator) -> np.ndarray:
+def synthesize(digit: int, rng: np.random.Generator,
+               snr_db: tuple[float, float] = (5.0, 10.0)) -> np.ndarray:
     """A 0.5 s clip float32[4000]: a random DTMF burst of `digit` in white noise."""
     duration = int(rng.uniform(0.15, 0.35) * SAMPLE_RATE)
     onset = int(rng.integers(0, CLIP_SAMPLES - duration + 1))
     amplitude = rng.uniform(0.1, 1.0)
-    snr_db = rng.uniform(5.0, 10.0)
+    snr = rng.uniform(*snr_db)
     tone = dtmf_tone(digit, duration, amplitude=amplitude, phases=tuple(rng.uniform(0, 2 * np.pi, 2)))
-    noise_std = np.sqrt(amplitude**2 / 4 / 10 ** (snr_db / 10))  # tone power is amplitude**2 / 4
+    noise_std = np.sqrt(amplitude**2 / 4 / 10 ** (snr / 10))  # tone power is amplitude**2 / 4
     clip = rng.standard_normal(CLIP_SAMPLES, dtype=np.float32) * np.float32(noise_std)
     clip[onset:onset + duration] += tone
     return clip
@@ -86,8 +89,12 @@ class DtmfAudio:
     num_classes: int = 10
     class_names: list[str] = DIGIT_NAMES
 
-    def __init__(self, split: str = "train", size: int | None = None):
+    def __init__(self, split: str = "train", size: int | None = None,
+                 snr_db: tuple[float, float] = (5.0, 10.0)):
         check_split(split, SPLITS)
+        if len(snr_db) != 2 or not snr_db[0] <= snr_db[1]:
+            raise ValueError(f"snr_db={tuple(snr_db)} must be (low, high) dB with low <= high")
+        self.snr_db = (float(snr_db[0]), float(snr_db[1]))
         self.split = split
         self.size = SIZES[split] if size is None else size
         self._split_id = SPLITS.index(split)
@@ -104,7 +111,7 @@ class DtmfAudio:
         caption = TONE_TEMPLATES[int(rng.integers(len(TONE_TEMPLATES)))].format(
             name=DIGIT_NAMES[label], digit=label)
         return {
-            "audio": log_mel(synthesize(label, rng)),
+            "audio": log_mel(synthesize(label, rng, self.snr_db)),
             "label": np.int32(label),
             "text": self.tokenizer.encode(caption, TEXT_LENGTH),
         }

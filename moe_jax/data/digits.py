@@ -3,6 +3,10 @@
 `load_digits` ships inside scikit-learn (1797 images, 10 classes), so these work
 offline. Split: a fixed permutation (seed 0) of the rows; the first 80% are
 "train", the rest "test". Every example is a pure function of (split, index).
+
+Difficulty knobs (source_args; the defaults are the plain task): `size` keeps the first N
+examples of the split (fewer training examples), `noise` adds Gaussian pixel noise of
+that standard deviation, fixed per (split, index), clipped to [0, 1].
 """
 from __future__ import annotations
 
@@ -16,13 +20,19 @@ SPLITS: tuple[str, ...] = ("train", "test")
 TEXT_LENGTH = 32
 VIDEO_FRAMES = 4
 VIDEO_SIZES = {"train": 2000, "test": 400}
-_SALT = {"digits_caption": 11, "digits_video": 12}  # separates the sources' random streams
+_SALT = {"digits_caption": 11, "digits_video": 12,  # separates the sources' random streams
+         "noise": 13}
 
 
 def check_split(split: str, valid: tuple[str, ...]) -> None:
     """ValueError naming the valid splits unless `split` is one of them."""
     if split not in valid:
         raise ValueError(f"split {split!r} is not one of {list(valid)}")
+
+
+def check_index(i: int, size: int) -> None:
+    if not 0 <= i < size:
+        raise IndexError(f"example {i} out of range [0, {size})")
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,10 +59,26 @@ class _DigitsBase:
     num_classes: int = 10
     class_names: list[str] = DIGIT_NAMES
 
-    def __init__(self, split: str = "train"):
+    def __init__(self, split: str = "train", size: int | None = None, noise: float = 0.0):
         self.split = split
         self.images, self.labels, self.rows = load_split(split)
         self._split_id = SPLITS.index(split)
+        if size is not None and not 1 <= size <= len(self.labels):
+            raise ValueError(f"size={size} must be in [1, {len(self.labels)}] (the {split} "
+                             "split's images)")
+        if not 0.0 <= noise <= 1.0:
+            raise ValueError(f"noise={noise} must be a pixel standard deviation in [0, 1]")
+        self.size = len(self.labels) if size is None else size
+        self.noise = float(noise)
+
+    def image(self, i: int) -> np.ndarray:
+        """Image i of the split, with this source's fixed noise."""
+        image = self.images[i].copy()
+        if self.noise:
+            rng = np.random.default_rng([_SALT["noise"], self._split_id, i])
+            image = np.clip(image + np.float32(self.noise) * rng.standard_normal(
+                image.shape, dtype=np.float32), 0.0, 1.0)
+        return image
 
 
 class DigitsImage(_DigitsBase):
@@ -61,10 +87,11 @@ class DigitsImage(_DigitsBase):
     modalities: tuple[str, ...] = ("image",)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return self.size
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return {"image": self.images[i].copy(), "label": np.int32(self.labels[i])}
+        check_index(i, self.size)
+        return {"image": self.image(i), "label": np.int32(self.labels[i])}
 
 
 class DigitsCaption(_DigitsBase):
@@ -72,20 +99,21 @@ class DigitsCaption(_DigitsBase):
 
     modalities: tuple[str, ...] = ("image", "text")
 
-    def __init__(self, split: str = "train"):
-        super().__init__(split)
+    def __init__(self, split: str = "train", size: int | None = None, noise: float = 0.0):
+        super().__init__(split, size, noise)
         self.tokenizer = ByteTokenizer()
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return self.size
 
     def caption(self, i: int) -> str:
         rng = np.random.default_rng([_SALT["digits_caption"], self._split_id, i])
         return digit_captions(int(self.labels[i]), int(rng.integers(NUM_CAPTION_VARIANTS)))
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        check_index(i, self.size)
         return {
-            "image": self.images[i].copy(),
+            "image": self.image(i),
             "text": self.tokenizer.encode(self.caption(i), TEXT_LENGTH),
             "label": np.int32(self.labels[i]),
         }
@@ -100,8 +128,8 @@ class DigitsVideo(_DigitsBase):
 
     modalities: tuple[str, ...] = ("video",)
 
-    def __init__(self, split: str = "train", size: int | None = None):
-        super().__init__(split)
+    def __init__(self, split: str = "train", size: int | None = None, noise: float = 0.0):
+        super().__init__(split, None, noise)
         self.size = VIDEO_SIZES[split] if size is None else size
         self._by_class = [np.flatnonzero(self.labels == c) for c in range(self.num_classes)]
 
@@ -128,4 +156,5 @@ class DigitsVideo(_DigitsBase):
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         pos, label = self.clip_positions(i)
-        return {"video": self.images[pos], "label": np.int32(label)}
+        video = self.images[pos] if not self.noise else np.stack([self.image(p) for p in pos])
+        return {"video": video, "label": np.int32(label)}

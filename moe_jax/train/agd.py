@@ -132,8 +132,8 @@ def tasks_from_config(tasks_cfg: Mapping[str, Mapping[str, Any]],
           raw[key] = split_spec(raw[key])
         except (ValueError, ImportError) as e:
           raise ValueError(f"config.tasks.{name}.{key}: {e}") from None
-    for key in ("drop_rates", "source_args"):
-      if key in raw:  # hashable, since Task is a static jit argument; None: not set
+    for key in ("drop_rates", "source_args", "eval_source_args"):
+      if raw.get(key) is not None:  # hashable: Task is a static jit argument
         raw[key] = tuple(sorted((k, _freeze(v)) for k, v in dict(raw[key]).items()
                                 if v is not None))
     if "source" not in raw:

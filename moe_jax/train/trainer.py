@@ -70,7 +70,8 @@ def _iterator(task: agd.Task, spec: str, seed: int, train: bool,
               loader: Mapping[str, Any]) -> BatchIterator:
   """The task's batches from `spec`: train (shuffled, full batches) or eval (the whole
   split in order, the last batch filled up and masked)."""
-  source = make_source(spec, **dict(task.source_args))
+  args = task.source_args if train or task.eval_source_args is None else task.eval_source_args
+  source = make_source(spec, **dict(args))
   calls = task.transforms if train or task.eval_transforms is None else task.eval_transforms
   class_names = task.class_names or tuple(getattr(source, "class_names", ()) or ())
   # Even with no transforms: the pipeline drops string features the model cannot take.

@@ -160,6 +160,31 @@ def test_mel_filterbank_is_triangular_and_covers_every_band():
 
 # ---- text ---------------------------------------------------------------------------
 
+def test_difficulty_knobs_cut_noise_and_lower_the_snr():
+  clean, cut = make_source("digits_image:train"), make_source("digits_image:train", size=7)
+  assert len(cut) == 7 and np.array_equal(cut[3]["image"], clean[3]["image"])
+  with pytest.raises(IndexError, match="example 7 out of range"):
+    cut[7]  # pylint: disable=pointless-statement
+  noisy = make_source("digits_image:train", noise=0.3)
+  a, b = noisy[3]["image"], make_source("digits_image:train", noise=0.3)[3]["image"]
+  assert np.array_equal(a, b)  # fixed per (split, index)
+  assert a.min() >= 0.0 and a.max() <= 1.0
+  assert 0.1 < np.abs(a - clean[3]["image"]).mean() < 0.4  # clipped N(0, 0.3)
+  clip = make_source("digits_video:train", noise=0.3)[5]["video"]
+  assert not np.array_equal(clip, make_source("digits_video:train")[5]["video"])
+  caption = make_source("digits_caption:train", size=4, noise=0.3)
+  assert len(caption) == 4 and np.array_equal(caption[2]["image"], noisy[2]["image"])
+  # Lower SNR: the spectrogram moves away from the clean-ish default's tone pattern.
+  loud = audio.synthesize(3, np.random.default_rng(0))
+  quiet = audio.synthesize(3, np.random.default_rng(0), snr_db=(-12.0, -12.0))
+  assert np.std(quiet) > 2 * np.std(loud)
+  for kwargs, match in ((dict(size=0), "size=0 must be in"), (dict(noise=1.5), "noise=1.5")):
+    with pytest.raises(ValueError, match=match):
+      make_source("digits_image:train", **kwargs)
+  with pytest.raises(ValueError, match=r"snr_db=\(3, 1\) must be"):
+    make_source("dtmf_audio:train", snr_db=(3, 1))
+
+
 def test_byte_tokenizer_round_trip_pad_and_truncate():
     tok = ByteTokenizer()
     s = "héllo, wörld ✓ 7"

@@ -350,7 +350,8 @@ def test_bad_optimizer_and_train_fields_fail_before_device_work(tmp_path, sectio
 def test_every_shipped_config_and_variant_passes_the_train_checks():
   from experiments.configs import lm_tiny_dense, tfds_imp
   from moe_jax.train.trainer import check_train_config
-  variants = {imp_tiny: [None, "smoke", "mixed", "task_routed", "task_routed_smoke"],
+  variants = {imp_tiny: [None, "smoke", "mixed", "task_routed", "task_routed_smoke",
+                         *imp_tiny.HARD_VARIANTS],
               lm_tiny: [None, "smoke", "deepseek"], lm_tiny_dense: [None]}
   for module, args in variants.items():
     for arg in args:
@@ -477,7 +478,7 @@ def test_every_model_stack_and_moe_field_is_in_every_shipped_config():
   from experiments.configs import lm_tiny_dense, tfds_imp
   from moe_jax.config import MoEConfig, TransformerConfig
   from moe_jax.models import MODELS
-  configs = [imp_tiny.get_config(a) for a in (None, "smoke", "mixed", "task_routed")]
+  configs = [imp_tiny.get_config(a) for a in (None, "smoke", "mixed", "task_routed", "hard")]
   configs += [lm_tiny.get_config(a) for a in (None, "smoke", "deepseek")]
   configs += [lm_tiny_dense.get_config(), tfds_imp.get_config("image=x")]
   for c in configs:
@@ -495,6 +496,7 @@ def test_every_model_stack_and_moe_field_is_in_every_shipped_config():
                  if getattr(next(f for f in dataclasses.fields(router_cls) if f.name == o),
                             "default", None) is not None} - set(c.model.moe.router.keys())
       assert not missing, (c.model.name, router_cls.__name__, missing)
+      assert c.model.moe.layer.name == "moe"  # the layer as a dict too (its options)
     assert all("data_dir" in t.source_args for t in c.tasks.values())
 
 

@@ -1,0 +1,216 @@
+"""Trains named model variants on the embedded benchmarks and tabulates them (docs/variants.md).
+
+A benchmark program, not a test: each variant is one `python -m experiments.train` run
+(a subprocess, so runs share nothing but the disk) in ROOT/<variant>; a finished run is
+not trained again. The table reads each run's summary.json and config.json and adds
+parameters (total and active per token), forward FLOPs per token from XLA's cost
+analysis of the eval forward pass (what the compiled program does, dispatch included),
+wall time and the command.
+
+  .venv/bin/python tools/variants.py --list
+  .venv/bin/python tools/variants.py --root=/tmp/variants lm_top2 lm_null   # train
+  .venv/bin/python tools/variants.py --root=/tmp/variants --table lm        # markdown
+  .venv/bin/python tools/variants.py --root=/tmp/variants --table imp_claims --seeds=0,1,2
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LM, IMP = "experiments/configs/lm_tiny.py", "experiments/configs/imp_tiny.py"
+# The lm rows: lm_tiny (4 layers, MoE in layers 1 and 3, 8 experts of 256, top-2) for
+# 300 steps, the router comparison's setting (README); dropless sorted dispatch so no
+# mechanism is judged through capacity drops.
+LM_RUN = ("--config.train.num_steps=300", "--config.train.eval_every=300",
+          "--config.train.checkpoint_every=300", "--config.model.moe.dispatch=sorted")
+MOE = "--config.model.moe."
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  group: str  # rows of one table share task, steps and baseline
+  label: str
+  config: str
+  overrides: tuple[str, ...] = ()
+
+
+VARIANTS: dict[str, Variant] = {
+    "lm_top2": Variant("lm", "top-2 softmax (baseline)", LM, LM_RUN),
+    "lm_dense": Variant("lm", "dense FFN, same active width", "experiments/configs/lm_tiny_dense.py",
+                        LM_RUN[:3]),
+    # The IMP claims: MoE vs dense encoder, AGD vs mixed batches, on the hard benchmark.
+    "imp_hard": Variant("imp_claims", "MoE encoder, AGD (imp_tiny.py:hard)", IMP + ":hard"),
+    "imp_hard_dense": Variant("imp_claims", "dense encoder, AGD (:hard_dense)", IMP + ":hard_dense"),
+    "imp_hard_mixed": Variant("imp_claims", "MoE encoder, mixed batches (:hard_mixed)",
+                              IMP + ":hard_mixed"),
+}
+
+
+def workdir(root: str, name: str, seed: int | None) -> str:
+  return os.path.join(root, name if seed is None else f"{name}_s{seed}")
+
+
+def command(v: Variant, wd: str, seed: int | None) -> list[str]:
+  cmd = [sys.executable, "-m", "experiments.train", f"--config={v.config}", f"--workdir={wd}",
+         *v.overrides]
+  return cmd + ([f"--config.seed={seed}"] if seed is not None else [])
+
+
+def finished(wd: str) -> bool:
+  try:
+    with open(os.path.join(wd, "summary.json")) as f:
+      s = json.load(f)
+    with open(os.path.join(wd, "config.json")) as f:
+      return s["final_step"] >= json.load(f)["train"]["num_steps"] and s.get("status") != "running"
+  except (OSError, KeyError, ValueError):
+    return False
+
+
+def train(root: str, names: list[str], seeds: list[int | None]) -> None:
+  for name in names:
+    for seed in seeds:
+      wd = workdir(root, name, seed)
+      if finished(wd):
+        print(f"{name} seed {seed}: done before, kept", flush=True)
+        continue
+      t0 = time.time()
+      print(f"{name} seed {seed}: training in {wd}", flush=True)
+      with open(wd + ".log", "w") as log:
+        rc = subprocess.call(command(VARIANTS[name], wd, seed), cwd=REPO, stdout=log,
+                             stderr=subprocess.STDOUT)
+      print(f"{name} seed {seed}: exit {rc} after {time.time() - t0:.0f} s (log {wd}.log)",
+            flush=True)
+
+
+def _k_eff(moe: dict, eval_metrics: dict) -> float | None:
+  """Experts a token runs through on average: a measured metric when the router varies
+  it, else top-k's k or expert choice's capacity factor."""
+  for task in eval_metrics.values():
+    for key in ("moe/real_experts_per_token", "moe/active_experts_per_token"):
+      if key in task:
+        return float(task[key])
+  router = moe.get("router") or {}
+  router = {"name": router} if isinstance(router, str) else dict(router)
+  if router.get("name") == "expert_choice":
+    return float(moe.get("eval_capacity_factor") or moe.get("capacity_factor", 1.0))
+  return float(router["k"]) if "k" in router else None
+
+
+def cost(wd: str, eval_metrics: dict) -> dict[str, float]:
+  """Parameters (all tasks'; active: less the expert weights a token does not use) and
+  forward FLOPs per token (lm) or per example of the first task (imp), from XLA's cost
+  analysis of the compiled eval step."""
+  # pylint: disable=import-outside-toplevel  (jax only for --table)
+  import jax
+  import numpy as np
+  from ml_collections import config_dict
+  from moe_jax import models
+  from moe_jax.data import make_source
+  from moe_jax.train import agd, step
+  from moe_jax.train.trainer import _iterator
+  with open(os.path.join(wd, "config.json")) as f:
+    config = config_dict.ConfigDict(json.load(f))
+  tasks = agd.tasks_from_config(config.tasks, lambda spec, kw: make_source(spec, **kw))
+  model = models.build_model(config.model)
+  batches = {t.name: jax.tree.map(np.asarray, _iterator(t, t.source, 0, True, {}).batch_at(0))
+             for t in tasks}
+  variables = step.init_variables(model, batches, tasks, 0)  # every task's parameters
+  task, batch = tasks[0], batches[tasks[0].name]
+  analysis = step.make_eval_step(model).lower(variables, batch, task=task).compile().cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, list) else analysis
+  rows = batch["tokens"].size if task.kind == "lm" else len(batch[task.modalities[0]])
+  total = active = 0.0
+  moe = config.model.get("moe")
+  k_eff = _k_eff(moe.to_dict(), eval_metrics) if moe else None
+  for path, x in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
+    keys = [getattr(p, "key", "") for p in path]
+    total += x.size
+    if "experts" in keys and k_eff is not None and x.ndim >= 3:  # a routed bank [.., E, ..]
+      active += x.size * min(k_eff / x.shape[-3], 1.0)
+    else:
+      active += x.size
+  return {"params": total, "active": active if moe is None or k_eff is not None else float("nan"),
+          "flops": analysis["flops"] / rows,
+          "per": "token" if task.kind == "lm" else f"{task.name} example"}
+
+
+# The metric columns of each group's table: (summary eval key, header, format).
+COLUMNS = {
+    "lm": [("stdlib_lm/loss", "val loss (nats/byte)", "{:.3f}"),
+           ("stdlib_lm/accuracy", "next-byte acc", "{:.3f}")],
+    "imp": [("image_cls/accuracy", "image", "{:.3f}"), ("video_cls/accuracy", "video", "{:.3f}"),
+            ("audio_cls/accuracy", "audio", "{:.3f}"),
+            ("image_text/zero_shot_accuracy", "image 0-shot", "{:.3f}"),
+            ("audio_text/zero_shot_accuracy", "audio 0-shot", "{:.3f}")],
+}
+
+
+def _metric(summary: dict, key: str) -> float:
+  task, _, name = key.partition("/")
+  return float(summary["eval"][task][name])
+
+
+def table(root: str, group: str, seeds: list[int | None]) -> str:
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  cols = COLUMNS["lm" if group.startswith("lm") else "imp"]
+  head = ["variant", *[c[1] for c in cols], "params", "active params", "fwd MFLOPs", "wall",
+          "command"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, v in VARIANTS.items():
+    if v.group != group:
+      continue
+    runs = [workdir(root, name, s) for s in seeds]
+    runs = [wd for wd in runs if finished(wd)]
+    if not runs:
+      continue
+    summaries = []
+    for wd in runs:
+      with open(os.path.join(wd, "summary.json")) as f:
+        summaries.append(json.load(f))
+    cells = [v.label]
+    for key, _, fmt in cols:
+      vals = np.array([_metric(s, key) for s in summaries])
+      cells.append(fmt.format(vals.mean()) + (f" ± {vals.std(ddof=1):.3f}" if len(vals) > 1 else ""))
+    c = cost(runs[0], summaries[0]["eval"])
+    walls = [s["wall_time_s"] for s in summaries]
+    cells += [f"{c['params'] / 1e6:.2f}M", f"{c['active'] / 1e6:.2f}M",
+              f"{c['flops'] / 1e6:.2f} / {c['per']}",
+              f"{np.mean(walls):.0f} s", "`" + " ".join(
+                  ["--config=" + v.config, *v.overrides]) + "`"]
+    if len(runs) > 1:
+      cells[0] += f" (seeds {', '.join(r.rsplit('_s', 1)[1] for r in runs)})"
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("names", nargs="*", help="variants to train (default: none)")
+  ap.add_argument("--root", default="/tmp/variants")
+  ap.add_argument("--seeds", default="", help="comma list, e.g. 0,1,2 (default: the config's)")
+  ap.add_argument("--list", action="store_true")
+  ap.add_argument("--table", default="", help="print the markdown table of this group")
+  args = ap.parse_args()
+  if args.list:
+    for name, v in VARIANTS.items():
+      print(f"{name:24s} [{v.group}] {v.label}: {v.config} {' '.join(v.overrides)}")
+    return 0
+  unknown = sorted(set(args.names) - set(VARIANTS))
+  if unknown:
+    print(f"error: unknown variant(s) {unknown}; --list shows them", file=sys.stderr)
+    return 2
+  seeds = [int(s) for s in args.seeds.split(",") if s] or [None]
+  train(args.root, args.names, seeds)
+  if args.table:
+    print(table(args.root, args.table, seeds))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
