@@ -1,4 +1,5 @@
 """Registries: a new router is one file; unknown names list the registered ones."""
+import dataclasses
 import importlib.util
 import sys
 
@@ -86,3 +87,45 @@ def test_builtin_registries_and_their_metadata():
   clean = [n for n in DISPATCHERS.names() if DISPATCHERS.meta(n)["vma_clean"]]
   assert clean == ["einsum", "sorted", "dense", "tiled"]
   assert [n for n in DISPATCHERS.names() if not DISPATCHERS.meta(n)["dropless"]] == ["einsum"]
+
+
+def test_a_layer_added_in_one_file_fills_the_moe_positions_of_a_stack():
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from moe_jax.config import TransformerConfig  # pylint: disable=import-outside-toplevel
+  from moe_jax.nn.layers import MOE_LAYERS  # pylint: disable=import-outside-toplevel
+  from moe_jax.nn.transformer import TransformerStack  # pylint: disable=import-outside-toplevel
+
+  @MOE_LAYERS.register("toy_scale")
+  class ToyScale(nn.Module):  # pylint: disable=unused-variable
+    config: MoEConfig
+    dtype: object = None
+    param_dtype: object = None
+    factor: float = 2.0
+
+    @staticmethod
+    def check_options(factor: float = 2.0):
+      if factor <= 0:
+        raise ValueError(f"factor={factor} must be > 0")
+
+    def __call__(self, x, *, deterministic=True, context=None, token_mask=None):
+      return self.factor * x
+
+  with pytest.raises(ValueError, match=r"layer='nope' is not registered; registered: 'moe'"):
+    MoEConfig(layer="nope")
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['size'\] for layer 'toy_scale'; "
+                                       r"valid: factor"):
+    MoEConfig(layer=dict(name="toy_scale", size=3))
+  with pytest.raises(ValueError, match=r"factor=-1 must be > 0"):
+    MoEConfig(layer=dict(name="toy_scale", factor=-1))
+  cfg = TransformerConfig(num_layers=2, d_model=8, num_heads=2, mlp_dim=16, moe_layers=(0,),
+                          moe=MoEConfig(num_experts=2, layer=dict(name="toy_scale", factor=3.0)))
+  x = jax.random.normal(jax.random.key(0), (1, 3, 8))
+  params = TransformerStack(cfg).init(jax.random.key(1), x)["params"]
+  assert "moe" not in params["layers"]["block_0"]  # the toy layer has no parameters
+  assert "mlp" in params["layers"]["block_1"]
+  outputs = []
+  for factor in (1.0, 3.0):
+    cfg_f = dataclasses.replace(cfg, moe=MoEConfig(num_experts=2,
+                                                   layer=dict(name="toy_scale", factor=factor)))
+    outputs.append(TransformerStack(cfg_f).apply({"params": params}, x))
+  assert np.abs(outputs[1] - outputs[0]).max() > 1e-3  # the option reached the layer
