@@ -14,6 +14,7 @@ import pytest
 from moe_jax import MoEConfig, MoELayer, TopKRouter
 from moe_jax.nn import experts as experts_mod
 from moe_jax.nn.dispatch import tiles
+from moe_jax.train.step import summarize_moe
 from tests import reference
 
 # T=4 tokens x (E=3 real + m=2 null) probabilities; k=3, no ties.
@@ -110,6 +111,9 @@ def test_layer_equals_a_loop_over_real_experts_and_null_slots_do_no_work(dispatc
   assert 16 < real < 48  # some null slots, some tokens with more than one real expert
   metrics = coll["moe_metrics"]["moe"][0]
   np.testing.assert_allclose(metrics["real_experts_per_token"], real / 16, rtol=1e-6)
+  # ... and reaches the train step's metrics (mean over MoE layers).
+  np.testing.assert_allclose(summarize_moe(coll)["moe/real_experts_per_token"], real / 16,
+                             rtol=1e-6)
   np.testing.assert_allclose(metrics["dropped_slot_fraction"], 0.0, atol=1e-7)
   if dispatch != "einsum":
     assert rows == [real]
