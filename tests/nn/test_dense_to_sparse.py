@@ -96,7 +96,7 @@ def _np_dts_layer(x, params, tau, threshold):
   return y, active
 
 
-@pytest.mark.parametrize("dispatch", ["sorted", "tiled"])
+@pytest.mark.parametrize("dispatch", ["sorted", "tiled", "einsum"])
 def test_layer_equals_a_loop_over_the_kept_experts(dispatch):
   cfg = MoEConfig(num_experts=4, expert_hidden_dim=8, dispatch=dispatch,
                   router=dict(name="dense_to_sparse", tau_max=2.0, tau_min=0.5,
