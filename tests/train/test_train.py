@@ -351,7 +351,7 @@ def test_every_shipped_config_and_variant_passes_the_train_checks():
   from experiments.configs import lm_tiny_dense, tfds_imp
   from moe_jax.train.trainer import check_train_config
   variants = {imp_tiny: [None, "smoke", "mixed", "task_routed", "task_routed_smoke"],
-              lm_tiny: [None, "smoke", "deepseek"], lm_tiny_dense: [None]}
+              lm_tiny: [None, "smoke", "deepseek", "dense_to_sparse"], lm_tiny_dense: [None]}
   for module, args in variants.items():
     for arg in args:
       check_train_config(module.get_config(arg))
