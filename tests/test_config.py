@@ -23,7 +23,7 @@ TOP_K = lambda **kw: dict(name="top_k", **kw)
     (dict(router=TOP_K(kk=2)), r"unknown option\(s\) \['kk'\] for router 'top_k'; valid: k, "
                                r"score, renormalize, routed_scaling_factor, n_group, topk_group, "
                                r"bias_update_rate, balance_count, balance_scope, batch_priority, "
-                               r"jitter, fused$"),
+                               r"jitter, fused, null_experts$"),
     (dict(dispatch="fast"), r"dispatch='fast' is not registered; registered: 'einsum', 'sorted'"),
     (dict(experts="lora9"), r"experts='lora9' is not registered; registered: 'ffn'"),
     (dict(activation="relu"), r"activation='relu' is not supported; allowed: 'swiglu', 'gelu'"),

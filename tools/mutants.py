@@ -325,6 +325,21 @@ MUTANTS = (
       "mask = None if mask_BS is None else mask_BS[:, None, None, :].astype(bool)",
       "mask = None",
       ("tests/nn/test_attention.py",), "padded keys receive attention"),
+    # --- null experts (AdaMoE) and the dense-to-sparse gate (EvoMoE) ---------------------------
+    M("null_slots_computed", "moe_jax/nn/routing/top_k.py",
+      "mask_TK = real_TK if mask_TK is None else mask_TK & real_TK",
+      "mask_TK = jnp.ones_like(real_TK) if mask_TK is None else mask_TK",
+      ("tests/nn/test_null_experts.py",), "a slot routed to a null expert runs expert 0"),
+    M("null_weights_renormalised_over_all_k", "moe_jax/nn/routing/top_k.py",
+      "        weight_TK = jnp.where(real_TK, weight_TK, 0.0)\n",
+      "        weight_TK = weight_TK\n",
+      ("tests/nn/test_null_experts.py",), "real weights renormalised over nulls too"),
+    M("dts_counter_frozen", "moe_jax/nn/routing/dense_to_sparse.py",
+      "calls.value = calls.value + 1", "calls.value = calls.value",
+      ("tests/nn/test_dense_to_sparse.py",), "the temperature schedule never advances"),
+    M("dts_no_switch", "moe_jax/nn/routing/dense_to_sparse.py",
+      "hard = calls.value >= self.switch_at", "hard = calls.value < 0",
+      ("tests/nn/test_dense_to_sparse.py",), "the gate never turns hard top-1"),
 )
 
 

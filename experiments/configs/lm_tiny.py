@@ -4,6 +4,8 @@ Command (2 CPU cores):
   python -m experiments.train --config=experiments/configs/lm_tiny.py --workdir=/tmp/lm_tiny
 Variant `lm_tiny.py:deepseek`: a small DeepSeek-V3-style MoE layer (sigmoid scoring,
 group-limited top-k, aux-loss-free bias balancing, a shared expert).
+Variant `lm_tiny.py:dense_to_sparse`: EvoMoE's dense-to-sparse gate (arXiv:2112.14397),
+dropless "sorted" dispatch (every expert is a slot until the gate sparsifies).
 Compare with the dense model of the same active parameters per token:
   python -m experiments.train --config=experiments/configs/lm_tiny_dense.py --workdir=/tmp/lm_dense
 
@@ -33,6 +35,9 @@ MOE = dict(num_experts=8, expert_hidden_dim=256, dispatch="einsum", router=ROUTE
 DEEPSEEK = dict(MOE, router=dict(ROUTER, score="sigmoid", n_group=4, topk_group=2,
                                  bias_update_rate=1e-3, balance_scope="sequence"),
                 load_balance_weight=1e-4, num_shared_experts=1, shared_hidden_dim=128)
+DENSE_TO_SPARSE = dict(MOE, dispatch="sorted", router=dict(
+    name="dense_to_sparse", tau_max=2.0, tau_min=0.3, anneal_steps=400, threshold=0.001,
+    switch_step=600))
 
 
 def get_config(arg: str | None = None, moe: bool = True) -> ml_collections.ConfigDict:
@@ -60,8 +65,10 @@ def get_config(arg: str | None = None, moe: bool = True) -> ml_collections.Confi
     c.tasks.stdlib_lm.batch_size = 8
   elif arg == "deepseek":
     c.model.moe = DEEPSEEK
+  elif arg == "dense_to_sparse":
+    c.model.moe = DENSE_TO_SPARSE
   elif arg:
-    raise ValueError(f"unknown lm_tiny variant {arg!r}; allowed: smoke, deepseek")
+    raise ValueError(f"unknown lm_tiny variant {arg!r}; allowed: smoke, deepseek, dense_to_sparse")
   c = ml_collections.ConfigDict(c)
   expose_fields(c)  # every model / stack / MoE field overridable from the command line
   return c

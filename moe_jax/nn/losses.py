@@ -41,7 +41,8 @@ BALANCE_SCOPES = ("batch", "sequence", "group")
 
 
 def balance_loss(probs_TE: jax.Array, index_TK: jax.Array, valid_T: jax.Array | None = None, *,
-                 count: str = "slots", group_size: int | None = None) -> jax.Array:
+                 count: str = "slots", group_size: int | None = None,
+                 null_experts: int = 0) -> jax.Array:
   """The load-balancing loss E * sum_e f_e * P_e in its published variants.
 
   P_e is the mean routing probability of expert e; f_e counts assignments:
@@ -62,6 +63,10 @@ def balance_loss(probs_TE: jax.Array, index_TK: jax.Array, valid_T: jax.Array | 
   assigned_TE = jax.nn.one_hot(ranks, E, dtype=jnp.float32).sum(1)
   if valid_T is not None:
     assigned_TE = assigned_TE * valid_T[:, None]
+  if null_experts:  # a row's null count spread evenly: f_null -> mean f of the nulls
+    real_TE, null_TE = assigned_TE[:, :E - null_experts], assigned_TE[:, E - null_experts:]
+    assigned_TE = jnp.concatenate(
+        [real_TE, jnp.broadcast_to(null_TE.mean(-1, keepdims=True), null_TE.shape)], axis=-1)
   scale = K if count == "hf" else 1
   S = group_size or T
   G = T // S

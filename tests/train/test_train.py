@@ -352,7 +352,7 @@ def test_every_shipped_config_and_variant_passes_the_train_checks():
   from moe_jax.train.trainer import check_train_config
   variants = {imp_tiny: [None, "smoke", "mixed", "task_routed", "task_routed_smoke",
                          *imp_tiny.HARD_VARIANTS],
-              lm_tiny: [None, "smoke", "deepseek"], lm_tiny_dense: [None]}
+              lm_tiny: [None, "smoke", "deepseek", "dense_to_sparse"], lm_tiny_dense: [None]}
   for module, args in variants.items():
     for arg in args:
       check_train_config(module.get_config(arg))
