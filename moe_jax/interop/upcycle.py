@@ -191,6 +191,18 @@ def upcycle_variables(sources: Sequence[Mapping[str, Any]], target: Mapping[str,
   names = list(names or [f"source {s}" for s in range(N)])
   flat_src = [traverse_util.flatten_dict(dict(p)) for p in sources]
   canon_src = [canonical(p) for p in sources]
+  # Every source must have the first one's parameters and shapes.
+  shape = lambda s, path: np.shape(_get(flat_src[s], canon_src[s][path]))
+  for s in range(1, N):
+    for path in set(canon_src[0]) ^ set(canon_src[s]):
+      has, lacks = (0, s) if path in canon_src[0] else (s, 0)
+      raise ValueError(f"{names[has]} has {_name(path)} that {names[lacks]} has not: multiplet "
+                       "sources must be one architecture")
+    for path in canon_src[0]:
+      if shape(s, path) != shape(0, path):
+        raise ValueError(f"{_name(path)} has shape {shape(s, path)} in {names[s]} and "
+                         f"{shape(0, path)} in {names[0]}: multiplet sources must be one "
+                         "architecture")
   params = dict(target["params"])
   flat_tgt = traverse_util.flatten_dict(params)
   canon_tgt = canonical(params)
@@ -202,17 +214,6 @@ def upcycle_variables(sources: Sequence[Mapping[str, Any]], target: Mapping[str,
   is_moe = lambda path: any(path[:len(l) + 1] == (*l, MOE) for l in moe_layers)
   is_ffn = lambda path: path[:-1] in ffn_of
 
-  # Every source must have the first one's parameters and shapes.
-  shape = lambda s, path: np.shape(flat_src[s][canon_src[s][path][0]])
-  for s in range(1, N):
-    for path in canon_src[0]:
-      if path not in canon_src[s]:
-        raise ValueError(f"{names[s]} has no {_name(path)} that {names[0]} has: multiplet "
-                         "sources must be one architecture")
-      if shape(s, path) != shape(0, path):
-        raise ValueError(f"{_name(path)} has shape {shape(s, path)} in {names[s]} and "
-                         f"{shape(0, path)} in {names[0]}: multiplet sources must be one "
-                         "architecture")
   for path in canon_src[0]:
     if path not in canon_tgt and not is_ffn(path):
       raise ValueError(f"{names[0]} has {_name(path)} (shape {shape(0, path)}) that the MoE "
