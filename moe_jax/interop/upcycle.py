@@ -28,8 +28,12 @@ and a note says when their values differ.
 
 Layout of expert e: t = e % (N * G), source t // G, shard t % G; E must be a multiple
 of N * G. The output, DST/params (an Orbax checkpoint of {"params", "router_state"}),
-starts a run through `train.init_params`, as `experiments.convert` imports do (fresh
-optimizer state: the dense model's has no slots for routers or experts).
+starts a run through `train.init_params`, as `experiments.convert` imports do, rather
+than being a workdir to resume: a workdir would fix one optimizer, schedule and step
+count, while parameters seed any number of runs (other learning rates, meshes); the
+optimizer state starts fresh (the dense model's has no slots for routers or experts).
+The function is kept exactly only where no token is dropped: dropless dispatch
+("sorted", "tiled", "pallas", "dense"), or einsum with enough capacity.
 """
 from __future__ import annotations
 
@@ -380,6 +384,9 @@ def upcycle(srcs: Sequence[str], dst: str, config, *, granularity: int = 1, nois
   moe_cfg = MoEConfig.from_dict(dict(moe))
   router_k = moe_cfg.router.kwargs().get("k") if moe_cfg.router.name == "top_k" else None
   check_layout(moe_cfg.num_experts, len(srcs), granularity, router_k)
+  if moe_cfg.dispatch == "einsum":
+    say("note: dispatch=einsum drops tokens past capacity, so the upcycled model matches the "
+        "dense one only where none is dropped (dispatch=sorted or tiled: always)")
   sources, names = [], []
   for i, src in enumerate(srcs):
     say(f"reading source {i + 1}/{len(srcs)}: {src}")

@@ -69,8 +69,8 @@ def test_sparse_upcycling_keeps_the_dense_function_and_copies_the_ffn():
   np.testing.assert_array_equal(experts(p)["router"]["w_DE"],
                                 experts(target["params"])["router"]["w_DE"])
   np.testing.assert_array_equal(p["embedding"]["embedding"], dv["params"]["embedding"]["embedding"])
-  np.testing.assert_array_equal(p["decoder"]["layers"]["block_1"]["attention"]["w_qkv_D3HQ"],
-                                dv["params"]["decoder"]["layers"]["block_1"]["attention"]["w_qkv_D3HQ"])
+  attention = lambda params: params["decoder"]["layers"]["block_1"]["attention"]["w_qkv_D3HQ"]
+  np.testing.assert_array_equal(attention(p), attention(dv["params"]))
   assert notes == ["MoE layer 1/1 (decoder/layer[1]): 4 experts from source 0"]
 
 
@@ -90,12 +90,11 @@ def test_granular_upcycling_keeps_the_dense_function_into_a_scanned_stack():
   ffn = dense_ffn(dv["params"], layer=3)
   got = experts(out["params"], scanned=("scan_0", "block_1", 1))
   for e in range(4):
-    g = e % G
-    np.testing.assert_array_equal(got["experts"]["w_up_EDF"][e], ffn["w_up_DF"][:, g * Fe:(g + 1) * Fe])
-    np.testing.assert_array_equal(got["experts"]["w_gate_EDF"][e],
-                                  ffn["w_gate_DF"][:, g * Fe:(g + 1) * Fe])
-    np.testing.assert_allclose(got["experts"]["w_down_EFD"][e],
-                               G * ffn["w_down_FD"][g * Fe:(g + 1) * Fe], rtol=1e-6)
+    shard = slice(e % G * Fe, (e % G + 1) * Fe)
+    np.testing.assert_array_equal(got["experts"]["w_up_EDF"][e], ffn["w_up_DF"][:, shard])
+    np.testing.assert_array_equal(got["experts"]["w_gate_EDF"][e], ffn["w_gate_DF"][:, shard])
+    np.testing.assert_allclose(got["experts"]["w_down_EFD"][e], G * ffn["w_down_FD"][shard],
+                               rtol=1e-6)
   w = got["router"]["w_DE"]
   np.testing.assert_array_equal(w[:, 0], w[:, 1])
   np.testing.assert_array_equal(w[:, 2], w[:, 3])
@@ -122,8 +121,21 @@ def test_multiplet_upcycling_takes_experts_from_each_source():
   got = experts(out["params"])["experts"]["w_up_EDF"]
   for e, src in enumerate([a, b, a, b]):
     np.testing.assert_array_equal(got[e], dense_ffn(src["params"])["w_up_DF"])
-  np.testing.assert_array_equal(out["params"]["lm_head"]["kernel"], a["params"]["lm_head"]["kernel"])
+  np.testing.assert_array_equal(out["params"]["lm_head"]["kernel"],
+                                a["params"]["lm_head"]["kernel"])
   assert notes[0].startswith("note: ") and "the MoE model takes A's" in notes[0]
+
+
+def test_router_state_comes_from_the_moe_init():
+  """A balancing bias (router_state) is the MoE model's init, carried into the output."""
+  dense, moe = lm(), lm(moe_cfg(E=4, F_e=F // 2, k=2, bias_update_rate=1e-3))
+  dv, target = init(dense, seed=1), init(moe, seed=0)
+  assert target["router_state"]  # the bias exists, so the output must carry it
+  out = upcycle_variables([dv["params"]], target, granularity=2, router_k=2)
+  assert jax.tree.structure(out["router_state"]) == jax.tree.structure(target["router_state"])
+  for got, want in zip(jax.tree.leaves(out["router_state"]),
+                       jax.tree.leaves(target["router_state"])):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_noise_is_relative_to_each_weight_and_differs_per_expert():
@@ -149,7 +161,8 @@ def test_settings_the_sources_cannot_fill_are_one_line_errors():
     check_layout(4, 1, 2, router_k=1)
   six = init(lm(moe_cfg(E=6, F_e=10, k=3)))  # E a multiple of G=3, but F=32 is not
   with pytest.raises(ValueError, match=r"^granularity=3 does not divide the dense FFN width "
-                                       r"F=32 \(decoder/layer\[1\]/mlp/w_up_DF, shape \(16, 32\)\)$"):
+                                       r"F=32 \(decoder/layer\[1\]/mlp/w_up_DF, shape "
+                                       r"\(16, 32\)\)$"):
     upcycle_variables([dv["params"]], six, granularity=3)
 
 
