@@ -229,12 +229,15 @@ def test_upcycle_cli_then_train_on_a_data_2_expert_4_mesh_and_resume(tmp_path):
   from tests.train.runs import REPO, cache_env, cli
 
   dense_wd, dst, ft = tmp_path / "dense", tmp_path / "up", tmp_path / "ft"
-  dense = train_and_evaluate(_apply(lm_tiny_dense.get_config("smoke"), TINY), str(dense_wd))
+  # The dense run on data=8 and the upcycling on one device: its reader needs no topology.
+  dense = train_and_evaluate(_apply(lm_tiny_dense.get_config("smoke"),
+                                    [*TINY, "--config.mesh.data=8"]), str(dense_wd))
   env = cache_env(tmp_path)
   config = "--config=experiments/configs/lm_tiny.py:smoke"
   up = subprocess.run([sys.executable, "-m", "experiments.upcycle", f"--src={dense_wd},{dense_wd}",
                        f"--dst={dst}", "--granularity=2", config, *TINY, *MOE], cwd=REPO,
-                      capture_output=True, text=True, env=env, timeout=600)
+                      capture_output=True, text=True, timeout=600,
+                      env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
   assert up.returncode == 0, up.stderr[-2000:]
   assert "MoE layer 1/1 (decoder/layer[1]): 4 experts from 2 sources, 2 shards each" in up.stdout
   assert sorted(os.listdir(dst)) == ["params", "upcycled.json"]
