@@ -17,7 +17,8 @@ together when k is a multiple of G. With combine weights summing to 1 over the c
 experts (renormalised top-k, or k = E) the output is
   sum_c sum_g w_c * G * y_g = G * y * sum_c w_c = y   (the G*|chosen copies| weights sum to 1),
 the dense function exactly. Training breaks the ties (the router's columns get different
-gradients as soon as the shards differ).
+gradients as soon as the shards differ). A top_k router's routed_scaling_factor s
+(DeepSeek-V3: the chosen weights sum to s) is taken back the same way: w_down / s.
 
 Multiplet upcycling (Zhang et al., "CLIP-MoE: Towards Building Mixture of Experts for
 CLIP with Diversified Multiplet Upcycling", arXiv:2409.19291, sec. 3): N dense
@@ -37,6 +38,7 @@ The function is kept exactly only where no token is dropped: dropless dispatch
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -183,12 +185,15 @@ def check_layout(num_experts: int, num_sources: int, granularity: int,
 
 def upcycle_variables(sources: Sequence[Mapping[str, Any]], target: Mapping[str, Any], *,
                       granularity: int = 1, noise: float = 0.0, seed: int = 0,
-                      router_k: int | None = None, names: Sequence[str] | None = None,
+                      router_k: int | None = None, combine_sum: float = 1.0,
+                      names: Sequence[str] | None = None,
                       say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
   """The MoE variables: `target` ({"params", "router_state"?}: the MoE model's init)
   with every parameter the dense `sources` (their params trees) have, and each MoE
   layer's experts built from the sources' FFNs of that layer (see the module docstring).
-  `names` name the sources in messages."""
+  `router_k`: the top_k router's k (checked against G); `combine_sum`: what a token's
+  combine weights sum to (routed_scaling_factor), divided out of w_down; `names` name
+  the sources in messages."""
   if granularity < 1:
     raise ValueError(f"granularity={granularity} must be an int >= 1")
   if not noise >= 0:
@@ -281,8 +286,9 @@ def upcycle_variables(sources: Sequence[Mapping[str, Any]], target: Mapping[str,
       for s, g in layout:
         part = slice(g * (F // G), (g + 1) * (F // G))
         # Shards of w_down carry the factor G that the virtual groups' combine weights
-        # (summing to 1/G per shard) take back.
-        shards.append(dense_w[s][part] * G if dense_name == "w_down_FD" else dense_w[s][:, part])
+        # (summing to 1/G per shard) take back, and 1 / the weights' sum.
+        shards.append(dense_w[s][part] * (G / combine_sum) if dense_name == "w_down_FD"
+                      else dense_w[s][:, part])
       value = np.stack(shards)
       if value.shape != want:
         raise ValueError(f"{_name(key)} has shape {want} in the MoE config's model but the "
@@ -373,6 +379,7 @@ def upcycle(srcs: Sequence[str], dst: str, config, *, granularity: int = 1, nois
 
   from moe_jax.config import MoEConfig  # noqa: PLC0415
   from moe_jax.interop.output_dir import all_or_nothing, fresh_dst  # noqa: PLC0415
+  from moe_jax.nn.routing import ROUTERS  # noqa: PLC0415
   from moe_jax.train.run_record import config_dict  # noqa: PLC0415
 
   if not srcs:
@@ -384,7 +391,12 @@ def upcycle(srcs: Sequence[str], dst: str, config, *, granularity: int = 1, nois
   if not moe:
     raise ValueError("the config has no model.moe: upcycling needs an MoE model config")
   moe_cfg = MoEConfig.from_dict(dict(moe))
-  router_k = moe_cfg.router.kwargs().get("k") if moe_cfg.router.name == "top_k" else None
+  router_k, combine_sum = None, 1.0
+  if moe_cfg.router.name == "top_k":  # the options the config sets, or the router's defaults
+    defaults = {f.name: f.default for f in dataclasses.fields(ROUTERS.get("top_k"))}
+    router_k = int(moe_cfg.router.get("k", defaults["k"]))
+    combine_sum = float(moe_cfg.router.get("routed_scaling_factor",
+                                           defaults["routed_scaling_factor"]))
   check_layout(moe_cfg.num_experts, len(srcs), granularity, router_k)
   if moe_cfg.dispatch == "einsum":
     say("note: dispatch=einsum drops tokens past capacity, so the upcycled model matches the "
@@ -400,7 +412,7 @@ def upcycle(srcs: Sequence[str], dst: str, config, *, granularity: int = 1, nois
   target = init_moe_variables(config)
   seed = int(config.seed) if seed is None else int(seed)
   out = upcycle_variables(sources, target, granularity=granularity, noise=noise, seed=seed,
-                          router_k=router_k, names=names, say=say)
+                          router_k=router_k, combine_sum=combine_sum, names=names, say=say)
   layout = out.pop("layout")
   record = {"sources": [os.path.abspath(s) for s in srcs], "checkpoints": names,
             "granularity": granularity, "noise": noise, "seed": seed,

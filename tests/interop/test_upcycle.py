@@ -72,6 +72,17 @@ def test_sparse_upcycling_keeps_the_dense_function_and_copies_the_ffn():
   attention = lambda params: params["decoder"]["layers"]["block_1"]["attention"]["w_qkv_D3HQ"]
   np.testing.assert_array_equal(attention(p), attention(dv["params"]))
   assert notes == ["MoE layer 1/1 (decoder/layer[1]): 4 experts from source 0"]
+  # The same dense model saved with scan_layers (all L layers stacked in scan_0/block_0).
+  layers = dv["params"]["decoder"]["layers"]
+  scanned = {**dv["params"], "decoder": {
+      "final_norm": dv["params"]["decoder"]["final_norm"],
+      "scan_0": {"block_0": jax.tree.map(lambda *x: np.stack(x),
+                                         *[layers[f"block_{i}"] for i in range(L)])}}}
+  again = upcycle_variables([scanned], target, router_k=2)
+  again.pop("layout")
+  assert jax.tree.structure(again) == jax.tree.structure(out)
+  for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(out)):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_granular_upcycling_keeps_the_dense_function_into_a_scanned_stack():
@@ -126,16 +137,21 @@ def test_multiplet_upcycling_takes_experts_from_each_source():
   assert notes[0].startswith("note: ") and "the MoE model takes A's" in notes[0]
 
 
-def test_router_state_comes_from_the_moe_init():
-  """A balancing bias (router_state) is the MoE model's init, carried into the output."""
-  dense, moe = lm(), lm(moe_cfg(E=4, F_e=F // 2, k=2, bias_update_rate=1e-3))
+def test_deepseek_style_router_keeps_the_function_and_its_state_comes_from_the_init():
+  """Sigmoid scores, routed_scaling_factor 2.5 (divided out of w_down), a balancing bias
+  in router_state (the MoE init's, carried into the output), G=2."""
+  dense = lm()
+  moe = lm(moe_cfg(E=4, F_e=F // 2, k=2, score="sigmoid", routed_scaling_factor=2.5,
+                   bias_update_rate=1e-3))
   dv, target = init(dense, seed=1), init(moe, seed=0)
   assert target["router_state"]  # the bias exists, so the output must carry it
-  out = upcycle_variables([dv["params"]], target, granularity=2, router_k=2)
+  out = upcycle_variables([dv["params"]], target, granularity=2, router_k=2, combine_sum=2.5)
+  out.pop("layout")
   assert jax.tree.structure(out["router_state"]) == jax.tree.structure(target["router_state"])
   for got, want in zip(jax.tree.leaves(out["router_state"]),
                        jax.tree.leaves(target["router_state"])):
     np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(logits(moe, out), logits(dense, dv), atol=2e-5, rtol=1e-5)
 
 
 def test_noise_is_relative_to_each_weight_and_differs_per_expert():
