@@ -15,16 +15,16 @@ Nothing is written to --dst unless the whole conversion succeeded.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 
 from absl import app, flags, logging
 
 from moe_jax.inference.load import checkpoint_variables
+from moe_jax.interop.output_dir import all_or_nothing as _all_or_nothing
+from moe_jax.interop.output_dir import fresh_dst as _fresh_dst
 from moe_jax.interop.hf import load_hf, read_hf_config, save_hf
 
 _FROM = flags.DEFINE_enum("from", None, ["hf"], "import from this format")
@@ -44,28 +44,6 @@ from experiments.configs import imported
 def get_config(arg=None):
   return imported.get_config({dst!r}, arg)
 '''
-
-
-@contextlib.contextmanager
-def _all_or_nothing(dst: str):
-  """A temporary directory beside `dst`, renamed to it when the block succeeds and
-  removed when it fails."""
-  parent = os.path.dirname(os.path.abspath(dst)) or "."
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-  try:
-    yield tmp
-    if os.path.exists(dst):
-      os.rmdir(dst)  # empty: _fresh_dst checked
-    os.rename(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-def _fresh_dst(dst: str) -> None:
-  if os.path.exists(dst) and os.listdir(dst):
-    raise ValueError(f"--dst={dst} exists and is not empty; give a new directory")
 
 
 def import_hf(src: str, dst: str) -> None:

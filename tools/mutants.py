@@ -340,6 +340,20 @@ MUTANTS = (
     M("dts_no_switch", "moe_jax/nn/routing/dense_to_sparse.py",
       "hard = calls.value >= self.switch_at", "hard = calls.value < 0",
       ("tests/nn/test_dense_to_sparse.py",), "the gate never turns hard top-1"),
+    # --- upcycling -----------------------------------------------------------------------------
+    M("upcycle_router_not_tied", "moe_jax/interop/upcycle.py",
+      "  return value[..., (np.arange(E) // G) * G]", "  return value",
+      ("tests/interop/test_upcycle.py", "-k", "granular"),
+      "granular upcycling without virtual groups: the shards of a copy weighted unequally"),
+    M("upcycle_down_not_rescaled", "moe_jax/interop/upcycle.py",
+      "dense_w[s][part] * (G / combine_sum)", "dense_w[s][part] * G",
+      ("tests/interop/test_upcycle.py", "-k", "deepseek"),
+      "a routed_scaling_factor left in: the upcycled layer's output scaled by it"),
+    M("upcycle_scan_layers_misordered", "moe_jax/interop/upcycle.py",
+      "[(scan, b, r) for r in range(repeats) for b in blocks]",
+      "[(scan, b, r) for b in blocks for r in range(repeats)]",
+      ("tests/interop/test_upcycle.py", "-k", "granular"),
+      "a scanned stack's layers read block-major: layer i gets another layer's weights"),
 )
 
 

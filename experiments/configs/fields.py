@@ -95,12 +95,15 @@ def expose_fields(c) -> None:
   """Adds the missing model, stack, MoE and router fields of `c` (in place) at their
   defaults, and `source_args.data_dir` to every task (unset: not passed to the source),
   so `--config.tasks.image_cls.source=tfds:NAME --config.tasks.image_cls.source_args.
-  data_dir=DIR` works."""
+  data_dir=DIR` works; and `train.init_params` (unset: the model's own init), so a run can
+  start from experiments.upcycle's DST/params."""
   for task in c.get("tasks", {}).values():
     if "source_args" not in task:
       task.source_args = config_dict.ConfigDict()
     if "data_dir" not in task.source_args:
       task.source_args.data_dir = config_dict.placeholder(str)
+  if "train" in c and "init_params" not in c.train:  # experiments.upcycle / convert output
+    c.train.init_params = config_dict.placeholder(str)
   model = c.model
   _, config_cls, _ = MODELS[model.get("name", "imp")]
   _add_defaults(model, config_cls)

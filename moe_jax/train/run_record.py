@@ -56,6 +56,7 @@ RUN_CONTROL = ("train.on_config_change", "train.log_every", "train.eval_every",
                "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batches",
                "train.tensorboard", "train.barrier_timeout_s", "train.async_checkpoints",
                "train.on_recompile", "train.moe_telemetry", "train.max_consecutive_skips",
+               "train.init_params",  # read by a fresh run only, never on resume
                "data.")
 
 
