@@ -2,6 +2,8 @@
 is on at weight 1; the two-stage weights and the head balance loss on hand-made routing
 tables; outputs and gradients against an independent per-head reference; config errors;
 cached decoding equals full-sequence logits."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +173,14 @@ def test_cached_decoding_equals_full_sequence_logits():
     for t in range(len(outs[b])):
       np.testing.assert_allclose(logits[t, b], full[b, len(prompt) - 1 + t], atol=1e-4, rtol=0,
                                  err_msg=f"row {b} step {t}")
+
+
+@pytest.mark.parametrize("model, shown", [(dict(attention="moh"), "attention='moh'"),
+                                          (dict(untied_layers=[0]), "untied_layers=(0,)")])
+def test_export_to_hugging_face_refuses_moh_and_untied_models(tmp_path, model, shown):
+  """No HF family holds head routers or per-modality weights: refuse rather than drop them."""
+  from moe_jax.interop.hf import save_hf
+  with pytest.raises(ValueError, match=rf"export to Hugging Face needs plain multi-head "
+                                       rf"attention; this model has .*{re.escape(shown)}"):
+    save_hf(dict(name="lm", **model), {}, str(tmp_path), {"model_type": "mixtral"})
+  assert not list(tmp_path.iterdir())
