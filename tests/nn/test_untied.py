@@ -168,3 +168,33 @@ def test_untied_layers_refuse_kv_cache_decoding():
   with pytest.raises(ValueError, match="untied_layers do not support KV-cache decoding"):
     stack.init(jax.random.key(0), x, context=Context(modality_id=jnp.zeros((1,), jnp.int32)),
                decode=True)
+
+
+@pytest.mark.parametrize("variant", [dict(untied_layers=(0, 2)),
+                                     dict(untied_layers=(), attention="moh")],
+                         ids=["untied", "moh"])
+def test_scanned_stack_equals_loop(variant):
+  """scan_layers (+ remat) over [untied, MoE] x 2, or MoH blocks: the loop's outputs, sown
+  aux losses and gradients."""
+  from moe_jax.nn.losses import sum_aux_losses
+  from tests.nn.test_transformer import _stack_to_scanned
+  moe = MoEConfig(num_experts=4, router=dict(name="top_k", k=2), expert_hidden_dim=8,
+                  dispatch="sorted")
+  cfg = lambda **kw: _cfg(num_layers=4, moe=moe, moe_every=2, num_heads=4, **variant, **kw)
+  x = jax.random.normal(jax.random.key(0), (B, S, D))
+  ctx = Context(modality_BS=MODALITY)
+  loop, scanned = TransformerStack(cfg()), TransformerStack(cfg(scan_layers=True, remat=True))
+  params = loop.init(jax.random.key(1), x, context=ctx)["params"]
+  untied = set(loop.config.untied_layers)
+  pattern = tuple((i % 2 == 1, i in untied) if untied else i % 2 == 1 for i in range(4))
+  sparams = _stack_to_scanned(params, pattern)
+  assert jax.tree.structure(sparams) == jax.tree.structure(
+      scanned.init(jax.random.key(1), x, context=ctx)["params"])
+  run = lambda m, p: m.apply({"params": p}, x, mask_BS=MASK, context=ctx, mutable=["aux_loss"])
+  (y_loop, st_loop), (y_scan, st_scan) = run(loop, params), run(scanned, sparams)
+  np.testing.assert_allclose(y_scan, y_loop, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sum_aux_losses(st_scan), sum_aux_losses(st_loop), rtol=1e-5)
+  g = lambda m, p: jax.grad(lambda p: jnp.sum(run(m, p)[0] ** 3))(p)
+  for a, b in zip(jax.tree.leaves(g(scanned, sparams)),
+                  jax.tree.leaves(_stack_to_scanned(g(loop, params), pattern))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
