@@ -188,6 +188,15 @@ class TransformerConfig:
   remat: bool = False
   scan_layers: bool = False
   norm_eps: float = 1e-6
+  # The q/k/v attention: a registered name or dict(name=..., **options) (moe_jax.nn.attention
+  # ATTENTIONS): "mha" (multi-head) or "moh" (mixture of heads, arXiv:2410.11842), e.g.
+  # dict(name="moh", shared_heads=2, k=1).
+  attention: Any = "mha"
+  # Modality-untied layers (Mixture-of-Transformers, arXiv:2411.04996; nn/untied.py): their
+  # q/k/v/o projections, norms and FFN are per modality (the Context's per-token modality),
+  # attention is global. num_modalities: None means len(moe_jax.tasks.MODALITIES).
+  untied_layers: tuple[int, ...] = ()
+  num_modalities: int | None = None
 
   def __post_init__(self):
     V.check_int_range("num_layers", self.num_layers, lo=1)
@@ -225,6 +234,36 @@ class TransformerConfig:
     if self.moe is None and self.moe_layer_indices():
       raise ValueError("moe_every/moe_last/moe_layers place MoE layers but moe=None; "
                        "set moe=MoEConfig(...)")
+    self._check_attention_and_untied()
+
+  def _check_attention_and_untied(self):
+    # pylint: disable=import-outside-toplevel  (the attention package imports this module)
+    from moe_jax.nn.attention import check_attention_spec
+    from moe_jax.nn.routing import RouterSpec
+    object.__setattr__(self, "attention", RouterSpec.parse(self.attention, "attention"))
+    check_attention_spec(self.attention, self.num_heads)
+    if self.attention.name != "mha" and self.mla is not None:
+      raise ValueError(f"attention={self.attention.name!r} and mla are two attentions; "
+                       "set one of them")
+    object.__setattr__(self, "untied_layers", tuple(self.untied_layers))
+    for i in self.untied_layers:
+      V.check_int_range("untied_layers[i]", i, lo=0, hi=self.num_layers - 1)
+    if self.num_modalities is not None:
+      V.check_int_range("num_modalities", self.num_modalities, lo=1)
+    if not self.untied_layers:
+      return
+    both = sorted(set(self.untied_layers) & set(self.moe_layer_indices()))
+    if both:
+      raise ValueError(f"layers {both} are both untied and MoE: an untied layer has one dense "
+                       "FFN per modality; remove them from untied_layers or the MoE placement")
+    unsupported = [name for name, on in (
+        ("attention='moh'", self.attention.name != "mha"), ("mla", self.mla is not None),
+        ("num_kv_heads", self.num_kv_heads is not None), ("qkv_bias", self.qkv_bias),
+        ("qk_norm", self.qk_norm != "none"), ("sliding_window", self.sliding_window is not None))
+                   if on]
+    if unsupported:
+      raise ValueError(f"untied_layers support plain multi-head attention only; unset "
+                       f"{', '.join(unsupported)}")
 
   @property
   def resolved_head_dim(self) -> int:
@@ -233,6 +272,13 @@ class TransformerConfig:
   @property
   def uses_rope(self) -> bool:
     return self.causal if self.rope is None else self.rope
+
+  @property
+  def resolved_num_modalities(self) -> int:
+    if self.num_modalities is not None:
+      return self.num_modalities
+    from moe_jax.tasks import MODALITIES  # pylint: disable=import-outside-toplevel
+    return len(MODALITIES)
 
   def moe_layer_indices(self) -> tuple[int, ...]:
     """Sorted indices of the layers whose FFN is an MoE layer."""

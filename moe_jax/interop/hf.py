@@ -187,6 +187,12 @@ def save_hf(model: Mapping[str, Any], variables: Mapping, directory: str,
   Arrays sharded over a mesh are gathered one parameter at a time (jax.device_get)."""
   import jax  # noqa: PLC0415
 
+  attention = model.get("attention", "mha")
+  attention = attention if isinstance(attention, str) else dict(attention).get("name")
+  if attention != "mha" or model.get("untied_layers"):  # weights no HF family holds
+    raise ValueError(f"export to Hugging Face needs plain multi-head attention; this model has "
+                     f"attention={attention!r}, untied_layers="
+                     f"{tuple(model.get('untied_layers') or ())}")
   # Tensors go out in the checkpoint's own dtype (config.json "dtype" / "torch_dtype"),
   # so a bfloat16 import exports bfloat16, bit for bit.
   dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(

@@ -23,12 +23,16 @@ class Context:
   modality_id: int32 [B], index in moe_jax.tasks.MODALITIES.
   noise_level: float32 [B], a diffusion timestep or noise level.
   condition_BU: float32 [B, U], any condition vector (e.g. an architecture code).
+  modality_BS: int32 [B, S], a per-token modality (a merged multimodal sequence); where
+    absent, every token has its example's modality_id. Untied (MoT) layers select their
+    weights by it; MoE routers see it as a per-token modality_id.
   """
 
   task_id: jax.Array | None = None
   modality_id: jax.Array | None = None
   noise_level: jax.Array | None = None
   condition_BU: jax.Array | None = None
+  modality_BS: jax.Array | None = None
 
   @classmethod
   def for_batch(cls, batch_size: int, *, task_id: int | None = None,
@@ -48,4 +52,25 @@ class Context:
                          f"{num_tokens} tokens of the MoE input")
       return jnp.repeat(a, num_tokens // a.shape[0], axis=0)
 
-    return jax.tree.map(expand, self, is_leaf=lambda a: a is None)
+    per_token = self
+    if self.modality_BS is not None:  # already one value per token: flatten, do not repeat
+      if self.modality_BS.size != num_tokens:
+        raise ValueError(f"context.modality_BS has shape {tuple(self.modality_BS.shape)}, "
+                         f"not one value per token of the {num_tokens} tokens of the MoE input")
+      per_token = self.replace(modality_id=None, modality_BS=None)
+    out = jax.tree.map(expand, per_token, is_leaf=lambda a: a is None)
+    if self.modality_BS is not None:
+      out = out.replace(modality_id=self.modality_BS.reshape(-1).astype(jnp.int32))
+    return out
+
+  def token_modality(self, batch: int, seq: int) -> jax.Array:
+    """int32 [B, S]: modality_BS, or else each example's modality_id on all its tokens."""
+    if self.modality_BS is not None:
+      if self.modality_BS.shape != (batch, seq):
+        raise ValueError(f"context.modality_BS has shape {tuple(self.modality_BS.shape)}; "
+                         f"expected [batch, seq]=({batch}, {seq})")
+      return self.modality_BS.astype(jnp.int32)
+    if self.modality_id is None:
+      raise ValueError("an untied (per-modality) layer needs the context's modality: "
+                       "Context(modality_id=[B]) or Context(modality_BS=[B, S])")
+    return jnp.broadcast_to(self.modality_id.astype(jnp.int32)[:, None], (batch, seq))

@@ -16,11 +16,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.nn.attention import LatentAttention, SelfAttention
+from moe_jax.nn.attention import ATTENTIONS, LatentAttention
 from moe_jax.nn.context import Context
 from moe_jax.config import TransformerConfig
 from moe_jax.nn.experts import FeedForward
 from moe_jax.nn.layers import make_moe_layer
+from moe_jax.nn.untied import UntiedBlock
 
 
 class Block(nn.Module):
@@ -46,12 +47,15 @@ class Block(nn.Module):
                                   decode=self.decode, dtype=self.dtype,
                                   param_dtype=self.param_dtype, name="attention")
     else:
-      attention = SelfAttention(cfg.num_heads, cfg.resolved_head_dim, causal=cfg.causal,
+      # cfg.attention: "mha" (SelfAttention) or a registered variant with its options (moh)
+      attention = ATTENTIONS.get(cfg.attention.name)(
+                                cfg.num_heads, cfg.resolved_head_dim, causal=cfg.causal,
                                 rope=cfg.uses_rope, rope_max_wavelength=cfg.rope_max_wavelength,
                                 num_kv_heads=cfg.num_kv_heads, qkv_bias=cfg.qkv_bias,
                                 qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
                                 sliding_window=cfg.sliding_window, decode=self.decode,
-                                dtype=self.dtype, param_dtype=self.param_dtype, name="attention")
+                                dtype=self.dtype, param_dtype=self.param_dtype, name="attention",
+                                **cfg.attention.kwargs())
     h = attention(norm("attention_norm")(x_BSD), mask_BS=mask_BS, positions_BS=positions_BS)
     x_BSD = x_BSD + drop(h)
     h = norm("ffn_norm")(x_BSD)
@@ -76,10 +80,12 @@ class _Unit(nn.Module):
 
   @nn.compact
   def __call__(self, x_BSD, mask_BS, positions_BS, context):
-    block = Block
-    if self.config.remat:
-      block = nn.remat(Block, prevent_cse=not self.scanned)
     for i, use_moe in enumerate(self.pattern):
+      # An untied (MoT) layer is (use_moe, True) in the pattern; see TransformerStack.
+      use_moe, untied = use_moe if isinstance(use_moe, tuple) else (use_moe, False)
+      block = UntiedBlock if untied else Block
+      if self.config.remat:
+        block = nn.remat(block, prevent_cse=not self.scanned)
       x_BSD = block(self.config, use_moe, self.deterministic, self.decode, self.dtype,
                     self.param_dtype, name=f"block_{i}")(x_BSD, mask_BS, positions_BS, context)
     return (x_BSD, None) if self.scanned else x_BSD
@@ -125,6 +131,8 @@ class TransformerStack(nn.Module):
                        f"{tuple(x_BSD.shape[:2])}")
     moe_idx = set(cfg.moe_layer_indices())
     pattern = tuple(i in moe_idx for i in range(cfg.num_layers))
+    if cfg.untied_layers:  # per-modality layers are a kind of their own for scan_plan
+      pattern = tuple((kind, i in cfg.untied_layers) for i, kind in enumerate(pattern))
     common = dict(config=cfg, deterministic=deterministic, decode=decode, dtype=self.dtype,
                   param_dtype=self.param_dtype)
     if not cfg.scan_layers:

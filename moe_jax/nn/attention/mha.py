@@ -112,10 +112,17 @@ class SelfAttention(nn.Module):
       window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
       o_BSHQ = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
                                             local_window_size=window)
+    o_BSHQ = self.weight_heads(x_BSD, o_BSHQ, mask_BS)
     out_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                 in_axis=(0, 1), out_axis=2)
     w_out = self.param("w_out_HQD", out_init, (H, Q, D), self.param_dtype).astype(self.dtype)
     return jnp.einsum("BSHQ,HQD->BSD", o_BSHQ, w_out)
+
+  def weight_heads(self, x_BSD, o_BSHQ, mask_BS):
+    """Each head's output before the output projection; a subclass may weight heads per
+    token (mixture of heads, moh.py). Plain multi-head attention keeps them as they are."""
+    del x_BSD, mask_BS
+    return o_BSHQ
 
   def _project_separately(self, x_BSD, init):
     D, H, Q = x_BSD.shape[-1], self.num_heads, self.head_dim
