@@ -44,6 +44,14 @@ VARIANTS: dict[str, Variant] = {
     "lm_top2": Variant("lm", "top-2 softmax (baseline)", LM, LM_RUN),
     "lm_dense": Variant("lm", "dense FFN, same active width", "experiments/configs/lm_tiny_dense.py",
                         LM_RUN[:3]),
+    "lm_null": Variant("lm", "null experts (AdaMoE): 4 nulls, k=3", LM,
+                       LM_RUN + (MOE + "router.null_experts=4", MOE + "router.k=3")),
+    "lm_dense_to_sparse": Variant(
+        "lm", "dense-to-sparse gate (EvoMoE): tau 2 -> 0.3 over 150 steps, top-1 from 200",
+        LM + ":dense_to_sparse", LM_RUN + (MOE + "router.anneal_steps=150",
+                                           MOE + "router.switch_step=200")),
+    "lm_moh": Variant("lm", "top-2 MoE + mixture-of-head attention (2 shared + top-1 of 2)", LM,
+                      LM_RUN + ("--config.model.attention=moh",)),
     # The IMP claims: MoE vs dense encoder, AGD vs mixed batches, on the hard benchmark.
     "imp_hard": Variant("imp_claims", "MoE encoder, AGD (imp_tiny.py:hard)", IMP + ":hard"),
     "imp_hard_dense": Variant("imp_claims", "dense encoder, AGD (:hard_dense)", IMP + ":hard_dense"),

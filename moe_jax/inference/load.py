@@ -74,7 +74,7 @@ def load_for_generation(workdir: str, step: int | None = None
 def checkpoint_variables(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
   """(step, {"params", and "router_state" when there is one}) of a training workdir's
   latest (or given) checkpoint, read on the host."""
-  import orbax.checkpoint as ocp  # noqa: PLC0415
+  from moe_jax.train.checkpoint import read_on_host  # noqa: PLC0415
 
   ckpts = os.path.join(workdir, "checkpoints")
   steps = sorted(int(s) for s in os.listdir(ckpts) if s.isdigit()) if os.path.isdir(ckpts) else []
@@ -84,12 +84,8 @@ def checkpoint_variables(workdir: str, step: int | None = None) -> tuple[int, di
     step = steps[-1]
   elif step not in steps:
     raise ValueError(f"{workdir} has no checkpoint {step}; it has {steps}")
-  state = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(ckpts), str(step),
-                                                          "state"))
-  variables = {"params": state["params"]}
-  if state.get("router_state"):
-    variables["router_state"] = state["router_state"]
-  return step, variables
+  # As numpy, whatever device layout wrote it (a run on 8 devices read on 1).
+  return step, read_on_host(os.path.join(os.path.abspath(ckpts), str(step), "state"))
 
 
 def _bytes_if_fits(model) -> BytePrompts | None:

@@ -76,21 +76,13 @@ def find_checkpoint(src: str) -> tuple[str, str]:
 
 def load_params(src: str) -> tuple[dict[str, Any], str]:
   """(params as host numpy arrays, description) of `src` (see find_checkpoint)."""
-  import jax  # noqa: PLC0415
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-  from etils import epath  # noqa: PLC0415
+  from moe_jax.train.checkpoint import read_on_host  # noqa: PLC0415
 
   path, what = find_checkpoint(src)
-  saved = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
+  saved = read_on_host(path, ("params",))
   if "params" not in saved:
     raise ValueError(f"--src={src}: {what} has no params")
-  # Only the params (not the optimizer state), as numpy arrays: a plain restore would
-  # need the device topology the checkpoint was written on.
-  item = {"params": saved["params"]}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=restore_args, partial_restore=True))
-  return dict(restored["params"]), what
+  return saved["params"], what
 
 
 # Per-layer views. A TransformerStack stores its blocks as layers/block_<i> or, with

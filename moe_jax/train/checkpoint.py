@@ -184,3 +184,23 @@ class Checkpointer:
       self.wait()
     finally:
       self._manager.close()
+
+
+def read_on_host(state_dir: str, collections: tuple[str, ...] = ("params", "router_state")
+                 ) -> dict[str, Any]:
+  """The named top-level collections of a saved state (those it has), as host numpy arrays.
+
+  Reads only what is asked (not the optimizer state) and whatever device layout wrote
+  it: a plain restore would need the topology the checkpoint was written on (a run on 8
+  devices read on 1 fails with "Topology mismatch").
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  saved = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+  item = {k: saved[k] for k in collections if k in saved and saved[k]}
+  if not item:
+    return {}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
+  return {k: dict(v) for k, v in restored.items()}
