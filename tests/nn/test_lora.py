@@ -77,9 +77,9 @@ def test_adapters_output_and_gradients_match_a_per_token_reference(dispatch):
   assert np.abs(g["lora"]["experts"]["w_up_EDF"]).max() > 0
 
 
-def _lm(moe, num_layers=2):
+def _lm(moe, num_layers=2, **stack):
   cfg = dict(name="lm", d_model=D, num_layers=num_layers, num_heads=2, mlp_dim=F, causal=True,
-             vocab_size=11)
+             vocab_size=11, **stack)
   if moe is not None:
     cfg.update(moe=moe, moe_every=1)
   return models.build_model(cfg)
@@ -113,9 +113,10 @@ def test_lm_with_lora_experts_equals_the_dense_lm_with_the_same_ffn_weights():
   np.testing.assert_array_equal(logits(lora, params), logits(dense, dense_params))
 
 
-def test_trainable_parameter_count_is_the_adapters_and_routers():
+@pytest.mark.parametrize("scan", [False, True])
+def test_trainable_parameter_count_is_the_adapters_and_routers(scan):
   lm = _lm(dict(num_experts=E, expert_hidden_dim=R, layer=dict(name="lora_moe", mlp_dim=F)),
-           num_layers=3)
+           num_layers=3, scan_layers=scan)  # scanned: one stacked leaf per weight
   params = jax.eval_shape(lambda: lm.init(jax.random.key(0), {"tokens": jnp.ones((1, 4), int)},
                                           task=Task("t", "lm", "x", modalities=("tokens",))))
   n_train, n_total = trainable.count(params["params"], ("/lora/",))
