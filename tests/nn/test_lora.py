@@ -6,6 +6,9 @@ import pytest
 
 from moe_jax import models
 from moe_jax.config import MoEConfig
+from moe_jax.nn.dispatch import DISPATCHERS, CapacityOptions, get_dispatcher
+from moe_jax.nn.experts import ExpertWeights
+from moe_jax.nn.routing import RoutingDecision
 from moe_jax.nn.layers import make_moe_layer
 from moe_jax.tasks import Task
 from moe_jax.train import trainable
@@ -59,7 +62,7 @@ def test_b_starts_at_zero_so_the_layer_is_its_dense_ffn():
                              rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dispatch", ["sorted", "tiled", "einsum"])
+@pytest.mark.parametrize("dispatch", ["sorted", "tiled", "einsum", "dense"])
 def test_adapters_output_and_gradients_match_a_per_token_reference(dispatch):
   kx, kb, kc = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (2, 5, D))
@@ -139,3 +142,27 @@ def test_bad_settings_are_one_line_errors():
     trainable.check_patterns("/lora/")
   with pytest.raises(ValueError, match="is not a regex"):
     trainable.check_patterns(["(lora"])
+
+
+@pytest.mark.parametrize("name", DISPATCHERS.names())
+def test_every_dispatcher_runs_linear_experts_like_a_numpy_loop(name):
+  """y_t = sum_k w_tk (x_t @ A_e) @ B_e, with masked slots skipped (float64 loop)."""
+  T, K = 12, 2
+  kx, ka, kb, ki, kw = jax.random.split(jax.random.key(3), 5)
+  x = jax.random.normal(kx, (T, D))
+  experts = ExpertWeights(w_up_EDF=jax.random.normal(ka, (E, D, R)),
+                          w_down_EFD=jax.random.normal(kb, (E, R, D)), activation="linear")
+  index_TK = jax.vmap(lambda k: jax.random.permutation(k, E)[:K])(
+      jax.random.split(ki, T)).astype(jnp.int32)
+  weight_TK = jax.random.uniform(kw, (T, K), minval=0.1, maxval=1.0)
+  mask_TK = jnp.arange(T * K).reshape(T, K) % 5 != 0
+  decision = RoutingDecision(expert_index_TK=index_TK, weight_TK=weight_TK, mask_TK=mask_TK)
+  y, _ = get_dispatcher(name)(x, decision, experts, CapacityOptions(float(E), None))
+  a, b = (np.asarray(w, np.float64) for w in (experts.w_up_EDF, experts.w_down_EFD))
+  want = np.zeros((T, D))
+  for t in range(T):
+    for k in range(K):
+      if mask_TK[t, k]:
+        e = int(index_TK[t, k])
+        want[t] += float(weight_TK[t, k]) * (np.asarray(x[t], np.float64) @ a[e] @ b[e])
+  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
