@@ -25,6 +25,7 @@ import numpy as np
 
 from moe_jax.nn import losses
 from moe_jax.nn.context import Context
+from moe_jax.nn.prompts import PromptMixConfig, PromptMixture
 from moe_jax.tasks import MODALITIES, VALID, Task
 from moe_jax.config import TransformerConfig
 from moe_jax.tokenizer import ByteTokenizer
@@ -42,6 +43,12 @@ class IMPConfig:
   max_positions: int = 64
   embed_dim: int = 64
   init_temperature: float = 0.1
+  # A routed mixture of soft prompts prepended to every input (moe_jax/nn/prompts.py):
+  # None, or dict(num_prompts=E, length=S, k=..., load_balance_weight=...).
+  prompts: Any = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "prompts", PromptMixConfig.parse(self.prompts))
 
 
 def _masked_mean(x_BSD: jax.Array, mask_BS: jax.Array | None) -> jax.Array:
@@ -117,8 +124,9 @@ class IMPModel(nn.Module):
 
   def encode(self, encoder: nn.Module, modality: str, x: jax.Array, task: Task,
              deterministic: bool, mask: jax.Array | None = None,
-             valid_B: jax.Array | None = None) -> jax.Array:
-    """Tokenize -> (DropToken) -> shared encoder -> pool -> output projection: [B, D].
+             valid_B: jax.Array | None = None, prompts: nn.Module | None = None) -> jax.Array:
+    """Tokenize -> (DropToken) -> (prepend a soft prompt) -> shared encoder -> pool the
+    input's positions -> output projection: [B, D].
 
     `valid_B` (eval batches) marks real examples: the fill's tokens are masked too, so
     they take no expert capacity and do not change the real examples' outputs."""
@@ -131,7 +139,17 @@ class IMPModel(nn.Module):
       tokens, mask = drop_tokens(self.make_rng("droptoken"), tokens, mask, rate)
     context = Context.for_batch(tokens.shape[0], task_id=task.task_id,
                                 modality_id=MODALITIES.index(modality))
+    num_prompt = 0
+    if prompts is not None:  # SMoP: the routed prompt goes first; its outputs are not pooled
+      prompt_BSD = prompts(tokens, mask)
+      num_prompt = prompt_BSD.shape[1]
+      tokens = jnp.concatenate([prompt_BSD.astype(tokens.dtype), tokens], axis=1)
+      if mask is not None:
+        real_B = jnp.ones(mask.shape[:1], bool) if valid_B is None else valid_B.astype(bool)
+        mask = jnp.concatenate([jnp.broadcast_to(real_B[:, None], (mask.shape[0], num_prompt)),
+                                mask], axis=1)
     h = encoder(tokens, mask_BS=mask, context=context, deterministic=deterministic)
+    h, mask = h[:, num_prompt:], None if mask is None else mask[:, num_prompt:]
     return self._dense(self.config.encoder.d_model, f"output_{modality}")(_masked_mean(h, mask))
 
   def _pair_embedding(self, pair: tuple[str, str], side: str, feature_BD: jax.Array):
@@ -147,9 +165,13 @@ class IMPModel(nn.Module):
   def __call__(self, batch: dict[str, jax.Array], *, task: Task, deterministic: bool = True,
                zero_shot: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     encoder = TransformerStack(self.config.encoder, self.dtype, self.param_dtype, name="encoder")
+    prompts = None  # one pool shared by every modality and task
+    if self.config.prompts is not None:
+      prompts = PromptMixture(self.config.prompts, self.dtype, self.param_dtype, name="prompts")
     valid_B = batch.get(VALID)
     encode = lambda m, x, mask=None, valid=valid_B: self.encode(encoder, m, x, task,
-                                                                deterministic, mask, valid)
+                                                                deterministic, mask, valid,
+                                                                prompts)
     for m in task.modalities:
       if m not in batch:
         raise ValueError(f"task {task.name!r} reads {m!r} but the batch has {sorted(batch)}")

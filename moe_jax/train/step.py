@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax.nn import losses
 from moe_jax.nn.routing import ROUTER_STATE
+from moe_jax.train import trainable
 from moe_jax.train.agd import Task
 from moe_jax.parallel.partitioning import state_shardings
 from moe_jax.parallel.sharding import DEFAULT_RULES
@@ -52,13 +53,22 @@ def make_schedule(opt_cfg: Mapping[str, Any], num_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(opt_cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warmup + cosine decay, global-norm clipping, no decay on vectors."""
+  """AdamW with linear warmup + cosine decay, global-norm clipping, no decay on vectors;
+  only the parameters `optimizer.trainable` matches when it is set (train/trainable.py)."""
   schedule = make_schedule(opt_cfg, num_steps)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  return optax.chain(
+  tx = optax.chain(
       optax.clip_by_global_norm(opt_cfg["grad_clip_norm"]),
       optax.adamw(schedule, b1=opt_cfg.get("b1", 0.9), b2=opt_cfg.get("b2", 0.999),
                   weight_decay=opt_cfg["weight_decay"], mask=decay_mask))
+  patterns = trainable.check_patterns(opt_cfg.get("trainable"))
+  if not patterns:
+    return tx
+  # optimizer.trainable: frozen parameters get zero updates and no Adam moments (the
+  # clip norm counts the trainable gradients only).
+  labels = lambda params: jax.tree.map(lambda m: "train" if m else "frozen",
+                                       trainable.trainable_mask(params, patterns))
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 _MAX_OF = {"expert_load_E": "max_expert_load", "processed_load_E": "max_processed_load"}

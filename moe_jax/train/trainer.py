@@ -33,7 +33,7 @@ from moe_jax.parallel.partitioning import check_mesh_fits, global_batch, mesh_fr
 from moe_jax.parallel.sharding import DEFAULT_RULES, initialize_distributed
 from moe_jax.tasks import VALID
 from moe_jax.train.preemption import Interrupted, StopRequests
-from moe_jax.train import run_record
+from moe_jax.train import run_record, trainable
 from moe_jax.train.step import (GRAD_FINITE_PREFIX, NONFINITE_POLICIES, MixedTasks,
                                 init_train_state, make_eval_step, make_optimizer,
                                 make_schedule,
@@ -102,6 +102,7 @@ def check_train_config(config) -> None:
       raise ValueError(f"optimizer.{key}={opt[key]!r} must be a number >= 0")
   if "grad_clip_norm" in opt:
     V.check_positive("optimizer.grad_clip_norm", opt["grad_clip_norm"])
+  trainable.check_patterns(opt.get("trainable"))
   V.check_int_range("train.num_steps", tcfg.get("num_steps"), lo=1)
   for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     V.check_int_range(f"train.{key}", tcfg.get(key), lo=1)
@@ -292,6 +293,11 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   _say(f"model {config.model.get('name', 'imp')}: {n_params / 1e6:.2f}M parameters "
        f"({n_expert / 1e6:.2f}M in experts); tasks: {', '.join(t.name for t in tasks)}; "
        f"mesh {mesh_str} ({mesh.size} device{'s' if mesh.size > 1 else ''})")
+  if config.optimizer.get("trainable"):  # parameter-efficient fine-tuning: say what trains
+    n_train, _ = trainable.count(params, config.optimizer.trainable)
+    _say(f"trainable: {n_train:,} of {n_params:,} parameters "
+         f"({100 * n_train / n_params:.2f}%) match optimizer.trainable="
+         f"{tuple(config.optimizer.trainable)}")
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tcfg.keep_checkpoints),
                       async_save=bool(tcfg.get("async_checkpoints", False)),

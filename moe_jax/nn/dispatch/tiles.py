@@ -78,7 +78,9 @@ def tile_padded_ffn(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertW
                          layout)
     h_RF = jax.nn.silu(gate_up[:, :F]) * gate_up[:, F:]
   else:
-    h_RF = jax.nn.gelu(ops.matmul(x_RD, experts.w_up_EDF, layout))
+    h_RF = ops.matmul(x_RD, experts.w_up_EDF, layout)
+    if experts.activation != "linear":  # linear: LoRA experts, (x @ A) @ B
+      h_RF = jax.nn.gelu(h_RF)
   y_RD = ops.matmul(h_RF.astype(experts.w_down_EFD.dtype), experts.w_down_EFD, layout)
   return combined(ops, y_RD, layout, decision, x_TD.dtype)
 

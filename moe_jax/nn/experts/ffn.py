@@ -31,6 +31,8 @@ expert_init = nn.initializers.variance_scaling(
 def _activate(activation: str, up, gate):
   if activation == "swiglu":
     return jax.nn.silu(gate) * up
+  if activation == "linear":  # low-rank adapters (experts/lora.py): y = (x @ A) @ B
+    return up
   return jax.nn.gelu(up)
 
 
@@ -38,7 +40,8 @@ def _activate(activation: str, up, gate):
 class ExpertWeights:
   """Stacked expert parameters, already cast to the compute dtype.
 
-  SwiGLU: y = (silu(x @ w_gate) * (x @ w_up)) @ w_down; GELU: y = gelu(x @ w_up) @ w_down.
+  SwiGLU: y = (silu(x @ w_gate) * (x @ w_up)) @ w_down; GELU: y = gelu(x @ w_up) @ w_down;
+  "linear" (LoRA experts): y = (x @ w_up) @ w_down.
   """
 
   w_up_EDF: jax.Array
