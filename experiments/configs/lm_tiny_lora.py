@@ -4,11 +4,14 @@ MoLoRA-style parameter-efficient fine-tuning (arXiv:2309.05444; moe_jax/nn/layer
 lora_moe.py): each of the 4 layers is layer "lora_moe" (the dense FFN of width mlp_dim,
 frozen, + 4 rank-8 LoRA experts, top-2), and optimizer.trainable=("/lora/",) trains the
 adapters and their routers only (2 x 4 x 128 x 8 + 128 x 4 = 8,704 per layer).
-Command (2 CPU cores):
+Commands (2 CPU cores): a trained dense model (lm_tiny_dense) to start from, its FFNs
+moved under the adapters (block_i/mlp -> block_i/moe/mlp) by experiments.upcycle, then
+the adapters trained:
+  python -m experiments.upcycle --src=/tmp/lm_dense --dst=/tmp/lora_init \
+    --config=experiments/configs/lm_tiny_lora.py
   python -m experiments.train --config=experiments/configs/lm_tiny_lora.py --workdir=/tmp/lora \
-    --config.train.init_params=DIR
-where DIR holds a pretrained model's params with the dense block_i/mlp moved to
-block_i/moe/mlp (experiments/upcycle.py); without init_params the frozen model is random.
+    --config.train.init_params=/tmp/lora_init/params
+Without init_params the frozen model is random.
 Variant `:smoke` (2 layers, a few steps) for tests. Any MoE layer option overrides as
 usual, e.g. --config.model.moe.expert_hidden_dim=16 (the rank).
 """

@@ -248,6 +248,23 @@ def upcycle_variables(sources: Sequence[Mapping[str, Any]], target: Mapping[str,
   for n, layer in enumerate(moe_layers):
     experts = (*layer, MOE, "experts")
     up_key = (*experts, "w_up_EDF")
+    frozen = (*layer, MOE, DENSE_FFN)  # a lora_moe layer: the dense FFN kept under moe/mlp
+    if (*frozen, "w_up_DF") in canon_tgt:
+      if N > 1 or G > 1:
+        raise ValueError(f"MoE layer {_name(layer)} is a lora_moe layer (one frozen dense FFN "
+                         f"plus adapters): it takes one source and granularity 1, not {N} "
+                         f"source(s) and granularity {G}")
+      for path in canon_tgt:
+        if path[:len(frozen)] == frozen:
+          dkey = (*layer, DENSE_FFN, *path[len(frozen):])
+          value = _get(flat_src[0], canon_src[0][dkey]) if dkey in canon_src[0] else None
+          if value is None or value.shape != np.shape(_get(flat_tgt, canon_tgt[path])):
+            raise ValueError(f"{_name(path)} has no dense counterpart of its shape in "
+                             f"{names[0]} ({_name(dkey)})")
+          values[path] = value
+      say(f"MoE layer {n + 1}/{len(moe_layers)} ({_name(layer)}): dense FFN kept under the "
+          "LoRA experts (their B at zero: the dense function)")
+      continue
     if up_key not in canon_tgt:
       raise ValueError(f"MoE layer {_name(layer)} has no experts/w_up_EDF to upcycle into "
                        "(its layer type has no FFN expert bank)")

@@ -85,6 +85,29 @@ def test_sparse_upcycling_keeps_the_dense_function_and_copies_the_ffn():
     np.testing.assert_array_equal(x, y)
 
 
+def test_a_lora_moe_target_keeps_the_dense_ffn_under_its_adapters():
+  dense = lm()
+  lora = models.build_model(dict(
+      name="lm", d_model=D, num_layers=L, num_heads=2, mlp_dim=F, causal=True, moe_every=1,
+      moe=dict(num_experts=4, expert_hidden_dim=4, dispatch="sorted", experts="lora",
+               layer=dict(name="lora_moe", mlp_dim=F), router=dict(name="top_k", k=2))))
+  dv, target = init(dense, seed=1), init(lora, seed=0)
+  notes = []
+  out = upcycle_variables([dv["params"]], target, say=notes.append)
+  out.pop("layout")
+  np.testing.assert_allclose(logits(lora, out), logits(dense, dv), atol=2e-5, rtol=1e-5)
+  for i in range(L):
+    layer = out["params"]["decoder"]["layers"][f"block_{i}"]["moe"]
+    for name, w in dense_ffn(dv["params"], i).items():
+      np.testing.assert_array_equal(layer["mlp"][name], w)
+    np.testing.assert_array_equal(layer["lora"]["experts"]["w_up_EDF"],  # adapters: the init
+                                  target["params"]["decoder"]["layers"][f"block_{i}"]["moe"][
+                                      "lora"]["experts"]["w_up_EDF"])
+  assert len(notes) == L and "dense FFN kept under the LoRA experts" in notes[0]
+  with pytest.raises(ValueError, match=r"lora_moe layer .* takes one source and granularity 1"):
+    upcycle_variables([dv["params"]] * 2, target)
+
+
 def test_granular_upcycling_keeps_the_dense_function_into_a_scanned_stack():
   """G=2 shards per dense FFN, E=4 (two copies), k=2: a dense (unscanned) 4-layer model
   into a scanned MoE stack ([dense, MoE] x 2); tiled dropless dispatch."""
