@@ -30,6 +30,8 @@ LM, IMP = "experiments/configs/lm_tiny.py", "experiments/configs/imp_tiny.py"
 LM_RUN = ("--config.train.num_steps=300", "--config.train.eval_every=300",
           "--config.train.checkpoint_every=300", "--config.model.moe.dispatch=sorted")
 MOE = "--config.model.moe."
+INIT = "--config.train.init_params="
+LM_DENSE, LORA = "experiments/configs/lm_tiny_dense.py", "experiments/configs/lm_tiny_lora.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +39,15 @@ class Variant:
   group: str  # rows of one table share task, steps and baseline
   label: str
   config: str
-  overrides: tuple[str, ...] = ()
+  overrides: tuple[str, ...] = ()  # "{root}" is the --root directory
+  # Before training: `python -m experiments.upcycle` with these arguments, unless its
+  # --dst exists (e.g. a dense run's FFNs copied into experts).
+  upcycle: tuple[str, ...] = ()
 
 
 VARIANTS: dict[str, Variant] = {
     "lm_top2": Variant("lm", "top-2 softmax (baseline)", LM, LM_RUN),
-    "lm_dense": Variant("lm", "dense FFN, same active width", "experiments/configs/lm_tiny_dense.py",
-                        LM_RUN[:3]),
+    "lm_dense": Variant("lm", "dense FFN, same active width", LM_DENSE, LM_RUN[:3]),
     "lm_null": Variant("lm", "null experts (AdaMoE): 4 nulls, k=3", LM,
                        LM_RUN + (MOE + "router.null_experts=4", MOE + "router.k=3")),
     "lm_dense_to_sparse": Variant(
@@ -52,6 +56,21 @@ VARIANTS: dict[str, Variant] = {
                                            MOE + "router.switch_step=200")),
     "lm_moh": Variant("lm", "top-2 MoE + mixture-of-head attention (2 shared + top-1 of 2)", LM,
                       LM_RUN + ("--config.model.attention=moh",)),
+    # From lm_dense's 300 steps: 300 more steps dense, upcycled to top-2 MoE, or with
+    # frozen FFNs and LoRA experts (only the adapters and their routers train).
+    "lmu_dense": Variant("lm_upcycle", "dense, 300 more steps", LM_DENSE,
+                         LM_RUN[:3] + (INIT + "{root}/lm_dense/checkpoints/300/state",)),
+    "lmu_moe": Variant("lm_upcycle", "upcycled: 8 copies of the FFN, top-2 (sparse upcycling)",
+                       LM, LM_RUN + ("--config.model.moe_every=1",
+                                     "--config.model.moe.expert_hidden_dim=512",
+                                     INIT + "{root}/lmu_moe_init/params"),
+                       ("--src={root}/lm_dense", "--dst={root}/lmu_moe_init", f"--config={LM}",
+                        "--config.model.moe_every=1", "--config.model.moe.expert_hidden_dim=512",
+                        "--config.model.moe.dispatch=sorted")),
+    "lmu_lora": Variant("lm_upcycle", "frozen FFN + 4 rank-8 LoRA experts, top-2 (lm_tiny_lora)",
+                        LORA, LM_RUN[:3] + (INIT + "{root}/lmu_lora_init/params",),
+                        ("--src={root}/lm_dense", "--dst={root}/lmu_lora_init",
+                         f"--config={LORA}")),
     # The IMP claims: MoE vs dense encoder, AGD vs mixed batches, on the hard benchmark.
     "imp_hard": Variant("imp_claims", "MoE encoder, AGD (imp_tiny.py:hard)", IMP + ":hard"),
     "imp_hard_dense": Variant("imp_claims", "dense encoder, AGD (:hard_dense)", IMP + ":hard_dense"),
@@ -64,9 +83,9 @@ def workdir(root: str, name: str, seed: int | None) -> str:
   return os.path.join(root, name if seed is None else f"{name}_s{seed}")
 
 
-def command(v: Variant, wd: str, seed: int | None) -> list[str]:
+def command(v: Variant, wd: str, seed: int | None, root: str) -> list[str]:
   cmd = [sys.executable, "-m", "experiments.train", f"--config={v.config}", f"--workdir={wd}",
-         *v.overrides]
+         *(o.replace("{root}", root) for o in v.overrides)]
   return cmd + ([f"--config.seed={seed}"] if seed is not None else [])
 
 
@@ -88,9 +107,16 @@ def train(root: str, names: list[str], seeds: list[int | None]) -> None:
         print(f"{name} seed {seed}: done before, kept", flush=True)
         continue
       t0 = time.time()
-      print(f"{name} seed {seed}: training in {wd}", flush=True)
+      v = VARIANTS[name]
       with open(wd + ".log", "w") as log:
-        rc = subprocess.call(command(VARIANTS[name], wd, seed), cwd=REPO, stdout=log,
+        up = [a.replace("{root}", root) for a in v.upcycle]
+        dst = next((a.split("=", 1)[1] for a in up if a.startswith("--dst=")), None)
+        if up and not os.path.exists(dst):
+          print(f"{name}: experiments.upcycle {' '.join(up)}", flush=True)
+          subprocess.check_call([sys.executable, "-m", "experiments.upcycle", *up], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT)
+        print(f"{name} seed {seed}: training in {wd}", flush=True)
+        rc = subprocess.call(command(v, wd, seed, root), cwd=REPO, stdout=log,
                              stderr=subprocess.STDOUT)
       print(f"{name} seed {seed}: exit {rc} after {time.time() - t0:.0f} s (log {wd}.log)",
             flush=True)
