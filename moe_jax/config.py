@@ -225,6 +225,12 @@ class TransformerConfig:
     if self.moe is None and self.moe_layer_indices():
       raise ValueError("moe_every/moe_last/moe_layers place MoE layers but moe=None; "
                        "set moe=MoEConfig(...)")
+    if self.causal and self.moe is not None and self.moe_layer_indices():
+      # pylint: disable=import-outside-toplevel  (the layers import this module)
+      from moe_jax.nn.layers import MOE_LAYERS
+      if not getattr(MOE_LAYERS.get(self.moe.layer.name), "causal_ok", True):
+        raise ValueError(f"moe.layer={self.moe.layer.name!r} mixes tokens across positions, so "
+                         "it cannot be causal; use it in an encoder (causal=False)")
 
   @property
   def resolved_head_dim(self) -> int:
