@@ -13,9 +13,9 @@ from moe_jax.parallel.sharding import make_mesh
 D = 8
 
 
-def _config(dispatch="sorted", **kw):
+def _config(dispatch="sorted", layer="moe", **kw):
   moe = MoEConfig(num_experts=4, expert_hidden_dim=8, router=dict(name="top_k", k=2),
-                  dispatch=dispatch)
+                  dispatch=dispatch, layer=layer)
   return TransformerConfig(**{**dict(num_layers=6, d_model=D, num_heads=2, mlp_dim=8, moe=moe,
                                      moe_every=2, moe_num_experts=(2, 2, 4)), **kw})
 
@@ -62,9 +62,10 @@ def _to_scanned(params, cfg):
   return out
 
 
-@pytest.mark.parametrize("dispatch", ["sorted", "tiled"])
-def test_scanned_and_unrolled_pyramids_agree_from_the_same_weights(dispatch):
-  cfg = _config(dispatch)
+@pytest.mark.parametrize("dispatch, layer", [("sorted", "moe"), ("tiled", "moe"),
+                                             ("sorted", "soft_moe"), ("tiled", "residual")])
+def test_scanned_and_unrolled_pyramids_agree_from_the_same_weights(dispatch, layer):
+  cfg = _config(dispatch, layer, remat=layer != "moe")
   scan_cfg = dataclasses.replace(cfg, scan_layers=True)
   x = jax.random.normal(jax.random.key(0), (2, 5, D))
   mask = jnp.ones((2, 5), bool).at[1, 3:].set(False)
