@@ -3,7 +3,8 @@ of the slots' outputs (Puigcerver et al., "From Sparse to Soft Mixtures of Exper
 arXiv:2308.00951).
 
 Axis letters: B sequences (routing groups), S tokens per sequence, D model dim,
-E experts, C slots per expert (the capacity of each expert per sequence), F hidden dim.
+E experts, C slots per expert (the capacity of each expert per sequence), X = B*C rows
+per expert, N devices on the expert axis.
 
 Per sequence X [S, D] and slot parameters Phi [D, E*C] (Section 2.1, Algorithm 1):
   logits = X Phi
@@ -112,13 +113,13 @@ class SoftMoELayer(nn.Module):
     experts = EXPERTS.get(cfg.experts)(E, cfg.expert_hidden_dim, cfg.activation, self.dtype,
                                        self.param_dtype, name="experts")(D)
     slots_EXD = slots_EBCD.reshape(E, B * C, D)
-    if expert_axis_size() > 1:  # each device runs the slots of its own experts
-      if E % expert_axis_size():
-        raise ValueError(f"soft_moe num_experts={E} is not divisible by "
-                         f"mesh.expert={expert_axis_size()}")
+    N = expert_axis_size()
+    if N > 1:  # each device runs the slots of its own experts
+      if E % N:
+        raise ValueError(f"soft_moe num_experts={E} is not divisible by mesh.expert={N}")
       slots_EXD = jax.lax.with_sharding_constraint(slots_EXD, P("expert"))
     out_EXD = experts.batched(slots_EXD)
-    if expert_axis_size() > 1:
+    if N > 1:
       out_EXD = jax.lax.with_sharding_constraint(out_EXD, P("expert"))
     y_BSD = jnp.einsum("BSEC,EBCD->BSD", combine_BSEC.astype(self.dtype),
                        out_EXD.reshape(E, B, C, D))
