@@ -164,6 +164,10 @@ class TransformerConfig:
     moe_every: every N-th layer (layers N-1, 2N-1, ...), as in Switch/GShard.
     moe_last: the last N layers, as in IMP ("last 6 of 12").
     moe_layers: explicit layer indices.
+  moe_num_experts: one expert count per MoE layer, in layer order, overriding
+    moe.num_experts layer by layer: Pyramid-MoE (DeepSpeed-MoE, arXiv:2201.05596) puts
+    more experts in later layers, e.g. (4, 4, 8, 8). Empty: every MoE layer has
+    moe.num_experts.
   """
 
   num_layers: int = 4
@@ -185,6 +189,7 @@ class TransformerConfig:
   moe_every: int | None = None
   moe_last: int | None = None
   moe_layers: tuple[int, ...] = ()
+  moe_num_experts: tuple[int, ...] = ()  # Pyramid-MoE: E per MoE layer, in order
   remat: bool = False
   scan_layers: bool = False
   norm_eps: float = 1e-6
@@ -234,6 +239,14 @@ class TransformerConfig:
     if self.moe is None and self.moe_layer_indices():
       raise ValueError("moe_every/moe_last/moe_layers place MoE layers but moe=None; "
                        "set moe=MoEConfig(...)")
+    if self.moe_num_experts:
+      self._check_moe_num_experts()
+    if self.causal and self.moe is not None and self.moe_layer_indices():
+      # pylint: disable=import-outside-toplevel  (the layers import this module)
+      from moe_jax.nn.layers import MOE_LAYERS
+      if not getattr(MOE_LAYERS.get(self.moe.layer.name), "causal_ok", True):
+        raise ValueError(f"moe.layer={self.moe.layer.name!r} mixes tokens across positions, so "
+                         "it cannot be causal; use it in an encoder (causal=False)")
     self._check_attention_and_untied()
 
   def _check_attention_and_untied(self):
@@ -264,6 +277,32 @@ class TransformerConfig:
     if unsupported:
       raise ValueError(f"untied_layers support plain multi-head attention only; unset "
                        f"{', '.join(unsupported)}")
+
+  def _check_moe_num_experts(self) -> None:
+    idx = self.moe_layer_indices()
+    if self.moe is None or len(self.moe_num_experts) != len(idx):
+      raise ValueError(f"moe_num_experts={self.moe_num_experts} needs one count per MoE layer; "
+                       f"the stack has {len(idx)} MoE layer(s) at {list(idx)}")
+    for j, (i, n) in enumerate(zip(idx, self.moe_num_experts)):
+      if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"moe_num_experts[{j}]={n!r} (layer {i}) must be an int >= 1")
+      try:  # the router's own checks against this layer's count (e.g. top_k's k <= E)
+        self.moe_config_for(n)
+      except ValueError as e:
+        raise ValueError(f"moe_num_experts[{j}]={n} (layer {i}): {e}") from None
+
+  def moe_experts_by_layer(self) -> dict[int, int]:
+    """MoE layer index -> its number of experts (moe_num_experts, else moe.num_experts)."""
+    idx = self.moe_layer_indices()
+    if not idx:
+      return {}
+    return dict(zip(idx, self.moe_num_experts or (self.moe.num_experts,) * len(idx)))
+
+  def moe_config_for(self, num_experts: int) -> MoEConfig:
+    """The MoE config of a layer with `num_experts` experts (moe itself when it has them)."""
+    if num_experts == self.moe.num_experts:
+      return self.moe
+    return dataclasses.replace(self.moe, num_experts=num_experts)
 
   @property
   def resolved_head_dim(self) -> int:

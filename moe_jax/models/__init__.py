@@ -55,3 +55,11 @@ def build_model(model_cfg: Mapping[str, Any]):
   model_config = config_cls(**{stack_field: stack},
                             **{k: v for k, v in cfg.items() if k in model_keys})
   return module_cls(model_config, dtype=DTYPES[dtype])
+
+
+def stack_config(model) -> TransformerConfig:
+  """The TransformerConfig of a model `build_model` made (its encoder or decoder)."""
+  for module_cls, _, stack_field in MODELS.values():
+    if isinstance(model, module_cls):
+      return getattr(model.config, stack_field)
+  raise ValueError(f"{type(model).__name__} is not a registered model; known: {', '.join(MODELS)}")

@@ -92,7 +92,14 @@ def sum_aux_losses(collections: dict[str, Any]) -> jax.Array:
   Pass the mutable collections returned by `apply(..., mutable=[...])`, or just
   the "aux_loss" collection itself.
   """
-  tree = collections.get(AUX_LOSS_COLLECTION, collections)
+  if AUX_LOSS_COLLECTION in collections:
+    tree = collections[AUX_LOSS_COLLECTION]
+  elif METRICS_COLLECTION in collections or "router_state" in collections:
+    # apply's collections without an aux loss (a layer with none, e.g. Soft MoE): its
+    # metrics and router state are not losses.
+    tree = {}
+  else:
+    tree = collections
   leaves = jax.tree_util.tree_leaves(tree)
   return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
 

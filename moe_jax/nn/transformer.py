@@ -33,6 +33,7 @@ class Block(nn.Module):
   decode: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  num_experts: int | None = None  # this MoE layer's E (Pyramid-MoE); None: config.moe's
 
   @nn.compact
   def __call__(self, x_BSD: jax.Array, mask_BS: jax.Array | None = None,
@@ -60,7 +61,8 @@ class Block(nn.Module):
     x_BSD = x_BSD + drop(h)
     h = norm("ffn_norm")(x_BSD)
     if self.use_moe:
-      h = make_moe_layer(cfg.moe, self.dtype, self.param_dtype)(
+      moe_cfg = cfg.moe if self.num_experts is None else cfg.moe_config_for(self.num_experts)
+      h = make_moe_layer(moe_cfg, self.dtype, self.param_dtype)(
           h, deterministic=self.deterministic, context=context, token_mask=mask_BS)
     else:
       h = FeedForward(cfg.mlp_dim, cfg.activation, self.dtype, self.param_dtype, name="mlp")(h)
@@ -68,10 +70,11 @@ class Block(nn.Module):
 
 
 class _Unit(nn.Module):
-  """Consecutive blocks following `pattern` (True = MoE); the body that gets scanned."""
+  """Consecutive blocks following `pattern` (0 or False: dense; True: MoE; an int: MoE
+  with that many experts); the body that gets scanned."""
 
   config: TransformerConfig
-  pattern: tuple[bool, ...]
+  pattern: tuple[int, ...]
   deterministic: bool = True
   decode: bool = False
   dtype: Any = jnp.float32
@@ -80,28 +83,43 @@ class _Unit(nn.Module):
 
   @nn.compact
   def __call__(self, x_BSD, mask_BS, positions_BS, context):
-    for i, use_moe in enumerate(self.pattern):
-      # An untied (MoT) layer is (use_moe, True) in the pattern; see TransformerStack.
-      use_moe, untied = use_moe if isinstance(use_moe, tuple) else (use_moe, False)
+    for i, kind in enumerate(self.pattern):
+      # An untied (MoT) layer is (kind, True) in the pattern; see TransformerStack. A kind
+      # is True/False (MoE or dense) or, with moe_num_experts, a layer's expert count.
+      kind, untied = kind if isinstance(kind, tuple) else (kind, False)
       block = UntiedBlock if untied else Block
       if self.config.remat:
         block = nn.remat(block, prevent_cse=not self.scanned)
-      x_BSD = block(self.config, use_moe, self.deterministic, self.decode, self.dtype,
-                    self.param_dtype, name=f"block_{i}")(x_BSD, mask_BS, positions_BS, context)
+      extra = {} if untied else {"num_experts": None if isinstance(kind, bool) else kind or None}
+      x_BSD = block(self.config, bool(kind), self.deterministic, self.decode, self.dtype,
+                    self.param_dtype, name=f"block_{i}", **extra)(x_BSD, mask_BS, positions_BS,
+                                                                    context)
     return (x_BSD, None) if self.scanned else x_BSD
 
 
-def scan_plan(pattern: tuple[bool, ...]) -> list[tuple[tuple[bool, ...], int]]:
-  """Cuts a layer pattern into (unit, repeats) pieces to scan over.
+def scan_plan(pattern: tuple[int, ...]) -> list[tuple[tuple[int, ...], int]]:
+  """Cuts a layer pattern (a kind per layer: dense, MoE, or MoE with E experts) into
+  (unit, repeats) pieces to scan over; only layers of one kind share parameter shapes.
 
   The shortest period that tiles the whole stack is used when there is one
-  (every-N placement); otherwise runs of equal layers (last-N, explicit lists).
+  (every-N placement); otherwise runs of equal layers (last-N, explicit lists). With
+  per-layer expert counts (more than two kinds: Pyramid-MoE) runs of equal units of
+  p layers are tried too and the cut that traces the fewest layers wins ([dense, E4] x 2
+  + [dense, E8] x 2 traces four blocks, not eight); two-kind patterns keep their cut.
   """
   L = len(pattern)
   for p in range(1, L):
     if L % p == 0 and all(pattern[i] == pattern[i % p] for i in range(L)):
       return [(pattern[:p], L // p)]
-  return [((kind,), len(list(run))) for kind, run in itertools.groupby(pattern)]
+  plan = [((kind,), len(list(run))) for kind, run in itertools.groupby(pattern)]
+  traced = lambda plan: sum(len(unit) for unit, _ in plan)  # blocks compiled
+  if len(set(pattern)) > 2:
+    for p in range(2, L):
+      if L % p == 0:
+        units = [pattern[i:i + p] for i in range(0, L, p)]
+        runs = [(unit, len(list(run))) for unit, run in itertools.groupby(units)]
+        plan = runs if traced(runs) < traced(plan) else plan
+  return plan
 
 
 class TransformerStack(nn.Module):
@@ -129,8 +147,11 @@ class TransformerStack(nn.Module):
     if mask_BS is not None and mask_BS.shape != x_BSD.shape[:2]:
       raise ValueError(f"mask_BS shape {tuple(mask_BS.shape)} does not match [batch, seq] "
                        f"{tuple(x_BSD.shape[:2])}")
-    moe_idx = set(cfg.moe_layer_indices())
-    pattern = tuple(i in moe_idx for i in range(cfg.num_layers))
+    experts = cfg.moe_experts_by_layer()
+    if cfg.moe_num_experts:  # Pyramid-MoE: a layer's kind is its expert count
+      pattern = tuple(experts.get(i, 0) for i in range(cfg.num_layers))
+    else:
+      pattern = tuple(i in experts for i in range(cfg.num_layers))
     if cfg.untied_layers:  # per-modality layers are a kind of their own for scan_plan
       pattern = tuple((kind, i in cfg.untied_layers) for i, kind in enumerate(pattern))
     common = dict(config=cfg, deterministic=deterministic, decode=decode, dtype=self.dtype,

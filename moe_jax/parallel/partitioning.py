@@ -84,11 +84,19 @@ def batch_shards(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
   return _axis_size(mesh, logical_to_spec(("batch",), rules)[0])
 
 
-def check_mesh_fits(mesh: Mesh, num_experts: int | None, batch_sizes: Mapping[str, int],
-                    rules: Rules = DEFAULT_RULES) -> None:
-  """One-line errors for experts or batches that do not split over the mesh."""
+def check_mesh_fits(mesh: Mesh, num_experts: int | Mapping[int, int] | None,
+                    batch_sizes: Mapping[str, int], rules: Rules = DEFAULT_RULES) -> None:
+  """One-line errors for experts or batches that do not split over the mesh.
+
+  `num_experts`: model.moe.num_experts, or {layer index: experts} when the layers have
+  their own counts (model.moe_num_experts, Pyramid-MoE)."""
   expert = mesh.shape.get("expert", 1)
-  if num_experts is not None and num_experts % expert:
+  if isinstance(num_experts, Mapping):
+    for j, (layer, n) in enumerate(sorted(num_experts.items())):
+      if n % expert:
+        raise ValueError(f"model.moe_num_experts[{j}]={n} (layer {layer}) is not divisible by "
+                         f"mesh.expert={expert}")
+  elif num_experts is not None and num_experts % expert:
     raise ValueError(f"model.moe.num_experts={num_experts} is not divisible by "
                      f"mesh.expert={expert}")
   shards = batch_shards(mesh, rules)

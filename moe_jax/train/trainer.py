@@ -262,7 +262,9 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   model = models.build_model(config.model)
   check_vocab(config.model, tasks)
   moe_cfg = config.model.get("moe")
-  check_mesh_fits(mesh, MoEConfig(**moe_cfg).num_experts if moe_cfg else None,
+  pyramid = models.stack_config(model).moe_num_experts  # per-layer counts: checked per layer
+  check_mesh_fits(mesh, models.stack_config(model).moe_experts_by_layer() if pyramid
+                  else MoEConfig(**moe_cfg).num_experts if moe_cfg else None,
                   {t.name: t.batch_size for t in tasks}
                   | {f"{t.name} (eval)": t.eval_batch_size or t.batch_size
                      for t in tasks if t.eval_source}, rules)
