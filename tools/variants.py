@@ -56,6 +56,13 @@ VARIANTS: dict[str, Variant] = {
                                            MOE + "router.switch_step=200")),
     "lm_moh": Variant("lm", "top-2 MoE + mixture-of-head attention (2 shared + top-1 of 2)", LM,
                       LM_RUN + ("--config.model.attention=moh",)),
+    "lm_residual": Variant("lm", "residual MoE: top-2 MoE x c0 + 256-wide MLP x c1", LM,
+                           LM_RUN + (MOE + "layer.name=residual",)),
+    "lm_pyramid": Variant("lm", "pyramid: 4 then 8 experts", LM,
+                          LM_RUN + ("--config.model.moe_num_experts=(4,8)",)),
+    "lm_pr_moe": Variant("lm", "PR-MoE: residual + pyramid (4, 8)", LM,
+                         LM_RUN + ("--config.model.moe_num_experts=(4,8)",
+                                   MOE + "layer.name=residual")),
     # From lm_dense's 300 steps: 300 more steps dense, upcycled to top-2 MoE, or with
     # frozen FFNs and LoRA experts (only the adapters and their routers train).
     "lmu_dense": Variant("lm_upcycle", "dense, 300 more steps", LM_DENSE,
@@ -71,6 +78,17 @@ VARIANTS: dict[str, Variant] = {
                         LORA, LM_RUN[:3] + (INIT + "{root}/lmu_lora_init/params",),
                         ("--src={root}/lm_dense", "--dst={root}/lmu_lora_init",
                          f"--config={LORA}")),
+    # Mechanisms on the hard IMP benchmark (seed 0; baseline imp_hard: expert choice).
+    "imp_top1": Variant("imp", "top-1 (Switch), dropless, balance loss 1e-2", IMP + ":hard",
+                        (MOE + "router={'name':'top_k','k':1}", MOE + "dispatch=sorted",
+                         MOE + "load_balance_weight=0.01")),
+    "imp_soft": Variant("imp", "Soft MoE, 4 slots per expert", IMP + ":hard",
+                        (MOE + "layer={'name':'soft_moe','slots_per_expert':4}",)),
+    "imp_untied": Variant("imp", "modality-untied layers 0, 1 (MoT) + MoE layers 2, 3",
+                          IMP + ":hard", ("--config.model.untied_layers=(0,1)",)),
+    "imp_prompts": Variant("imp", "+ mixture of 8 soft prompts (SMoP, top-1), all trained",
+                           "experiments/configs/imp_tiny_prompts.py:hard",
+                           ("--config.optimizer.trainable=()",)),
     # The IMP claims: MoE vs dense encoder, AGD vs mixed batches, on the hard benchmark.
     "imp_hard": Variant("imp_claims", "MoE encoder, AGD (imp_tiny.py:hard)", IMP + ":hard"),
     "imp_hard_dense": Variant("imp_claims", "dense encoder, AGD (:hard_dense)", IMP + ":hard_dense"),
@@ -190,16 +208,21 @@ def _metric(summary: dict, key: str) -> float:
   return float(summary["eval"][task][name])
 
 
+# Rows shown in another group's table too: its baseline run (variant, seeds).
+BASELINE_OF = {"imp": ("imp_hard", [0]), "lm_upcycle": ("lm_dense", [None])}
+
+
 def table(root: str, group: str, seeds: list[int | None]) -> str:
   import numpy as np  # pylint: disable=import-outside-toplevel
   cols = COLUMNS["lm" if group.startswith("lm") else "imp"]
   head = ["variant", *[c[1] for c in cols], "params", "active params", "fwd MFLOPs", "wall",
           "command"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for name, v in VARIANTS.items():
-    if v.group != group:
-      continue
-    runs = [workdir(root, name, s) for s in seeds]
+  names = [n for n, v in VARIANTS.items() if v.group == group]
+  base, base_seeds = BASELINE_OF.get(group, (None, None))
+  for name in ([base] if base else []) + names:
+    v = VARIANTS[name]
+    runs = [workdir(root, name, s) for s in (base_seeds if name == base else seeds)]
     runs = [wd for wd in runs if finished(wd)]
     if not runs:
       continue

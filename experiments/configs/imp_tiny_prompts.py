@@ -8,16 +8,14 @@ encoder; the prompt's positions are not pooled. Prompt tuning of a trained IMP:
     --workdir=/tmp/imp_prompts --config.train.init_params=DIR
 with DIR an imp_tiny run's params; optimizer.trainable=("prompts/", "classifier_") trains
 the prompts, their router and the classifier heads only (set it to () to train everything).
-Variant `:smoke` (imp_tiny's smoke sizes) for tests.
+Variants: any of imp_tiny's (`:smoke` for tests, `:hard` for the harder benchmark).
 """
 from experiments.configs import imp_tiny
 from experiments.configs.fields import expose_fields
 
 
 def get_config(arg: str | None = None):
-  if arg not in (None, "smoke"):
-    raise ValueError(f"unknown imp_tiny_prompts variant {arg!r}; allowed: smoke")
-  c = imp_tiny.get_config(arg)
+  c = imp_tiny.get_config(arg)  # its variants, and its one-line error for unknown ones
   c.model.prompts = dict(num_prompts=8, length=4, k=1, load_balance_weight=1e-2)
   c.optimizer.trainable = ("prompts/", "classifier_")
   c.train.init_params = ""
