@@ -15,7 +15,7 @@ LEGEND = {
     "B": "batch",
     "S": "sequence, or tokens per routing group",
     "D": "model dim",
-    "F": "expert (or FFN) hidden dim",
+    "F": "expert (or FFN) hidden dim; for LoRA experts their rank (a LoRA expert's hidden width)",
     "E": "experts",
     "K": "slots (experts) per token",
     "C": "capacity per expert and group",
@@ -23,7 +23,8 @@ LEGEND = {
     "H": "attention heads",
     "Q": "features per head",
     "V": "vocabulary",
-    # DESIGN.md gives R to the LoRA rank; LoRA experts will need a letter of their own.
+    # DESIGN.md gives R to the LoRA rank; LoRA experts carry their rank as F instead, the
+    # hidden width every dispatcher and sharding rule already reads (nn/experts/lora.py).
     "R": "rows of a padded or exchanged buffer (tile-layout kernels, expert parallelism)",
     "N": "devices on the expert axis",
     "L": "experts per device (expert parallelism)",
