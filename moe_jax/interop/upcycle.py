@@ -48,6 +48,9 @@ import numpy as np
 from flax import traverse_util
 
 DENSE_FFN, MOE = "mlp", "moe"
+# Layers (MoEConfig.layer) with a place for the dense FFN: routed FFN experts ("moe"),
+# or the frozen FFN under LoRA experts ("lora_moe").
+UPCYCLABLE_LAYERS = ("moe", "lora_moe")
 # Dense FFN weight -> its expert bank's weight (moe_jax/nn/experts/ffn.py); the hidden
 # axis F is the last of up/gate and the first of down.
 EXPERT_OF = {"w_up_DF": "w_up_EDF", "w_gate_DF": "w_gate_EDF", "w_down_FD": "w_down_EFD"}
@@ -249,7 +252,7 @@ def upcycle_variables(sources: Sequence[Mapping[str, Any]], target: Mapping[str,
     experts = (*layer, MOE, "experts")
     up_key = (*experts, "w_up_EDF")
     frozen = (*layer, MOE, DENSE_FFN)  # a lora_moe layer: the dense FFN kept under moe/mlp
-    if (*frozen, "w_up_DF") in canon_tgt:
+    if (*layer, MOE, "lora", "experts", "w_up_EDF") in canon_tgt:
       if N > 1 or G > 1:
         raise ValueError(f"MoE layer {_name(layer)} is a lora_moe layer (one frozen dense FFN "
                          f"plus adapters): it takes one source and granularity 1, not {N} "
@@ -400,13 +403,24 @@ def upcycle(srcs: Sequence[str], dst: str, config, *, granularity: int = 1, nois
   if not moe:
     raise ValueError("the config has no model.moe: upcycling needs an MoE model config")
   moe_cfg = MoEConfig.from_dict(dict(moe))
-  router_k, combine_sum = None, 1.0
-  if moe_cfg.router.name == "top_k":  # the options the config sets, or the router's defaults
-    defaults = {f.name: f.default for f in dataclasses.fields(ROUTERS.get("top_k"))}
-    router_k = int(moe_cfg.router.get("k", defaults["k"]))
-    combine_sum = float(moe_cfg.router.get("routed_scaling_factor",
-                                           defaults["routed_scaling_factor"]))
-  check_layout(moe_cfg.num_experts, len(srcs), granularity, router_k)
+  if moe_cfg.layer.name not in UPCYCLABLE_LAYERS:
+    raise ValueError(f"model.moe.layer={moe_cfg.layer.name!r} cannot be upcycled into; "
+                     f"upcycling fills {', '.join(UPCYCLABLE_LAYERS)} layers")
+  router_k, combine_sum, renormalize = None, 1.0, False
+  if moe_cfg.router.name in ("top_k", "conditioned"):  # set options, or the defaults
+    defaults = {f.name: f.default for f in dataclasses.fields(ROUTERS.get(moe_cfg.router.name))}
+    option = lambda name: moe_cfg.router.get(name, defaults[name])
+    router_k = int(option("k"))
+    combine_sum = float(option("routed_scaling_factor"))
+    renormalize = bool(option("renormalize")) and router_k > 1
+  if moe_cfg.layer.name == "moe" and not (renormalize or router_k == moe_cfg.num_experts):
+    say(f"note: router {moe_cfg.router.name!r}"
+        + (f" (k={router_k}, renormalize={renormalize})" if router_k else "")
+        + " does not give each token combine weights that sum to 1, so the upcycled model "
+        "starts from a scaled or mixed dense function, not the dense one (top_k with k > 1 "
+        "and renormalize=True keeps it)")
+  if not config.model.get("moe_num_experts"):  # per-layer counts: checked per layer
+    check_layout(moe_cfg.num_experts, len(srcs), granularity, router_k)
   if moe_cfg.dispatch == "einsum":
     say("note: dispatch=einsum drops tokens past capacity, so the upcycled model matches the "
         "dense one only where none is dropped (dispatch=sorted or tiled: always)")

@@ -310,3 +310,26 @@ def test_upcycle_cli_error_is_one_line_and_writes_nothing(tmp_path):
       "of its checkpoints/<step> directories, or a params directory")
   assert not (tmp_path / "out").exists()
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".upcycle-")]
+
+
+def test_layers_without_a_place_for_the_ffn_are_refused_and_unkept_functions_noted(tmp_path):
+  from experiments.configs import lm_tiny
+  from moe_jax.interop.upcycle import upcycle
+  src = tmp_path / "params"
+  src.mkdir()
+  (src / "_METADATA").write_text("{}")  # looks like a params directory; never read below
+  for layer in ("residual", "soft_moe"):
+    c = lm_tiny.get_config("smoke")
+    c.model.causal = layer != "soft_moe"  # Soft MoE is encoder-only
+    c.model.moe.layer = {"name": layer}
+    with pytest.raises(ValueError, match=f"model.moe.layer='{layer}' cannot be upcycled into; "
+                                         "upcycling fills moe, lora_moe layers"):
+      upcycle([str(src)], str(tmp_path / "dst"), c, say=lambda s: None)
+  c = lm_tiny.get_config("smoke")
+  c.model.moe.router.k = 1
+  notes = []
+  with pytest.raises(Exception):  # the fake source cannot be read: after the notes
+    upcycle([str(src)], str(tmp_path / "dst"), c, say=notes.append)
+  assert any("router 'top_k' (k=1, renormalize=False) does not give each token combine "
+             "weights that sum to 1" in n for n in notes)
+  assert not (tmp_path / "dst").exists()
