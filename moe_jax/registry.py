@@ -41,12 +41,25 @@ class Registry:
       if e.name != f"{self.package}.{name}":
         raise
 
+  def _load_package(self) -> None:
+    """Imports every module of the package (an error path only: a full list of names)."""
+    if not self.package:
+      return
+    import pkgutil  # pylint: disable=import-outside-toplevel
+    package = importlib.import_module(self.package)
+    for info in pkgutil.iter_modules(getattr(package, "__path__", [])):
+      try:
+        importlib.import_module(f"{self.package}.{info.name}")
+      except ImportError:  # an optional dependency missing: that component is unavailable
+        pass
+
   def get(self, name: str) -> Any:
     if not isinstance(name, str):
       raise ValueError(f"{self.kind}={name!r} must be a registered name (a string); "
                        f"registered: {', '.join(repr(n) for n in self._items)}")
     self._load(name)
     if name not in self._items:
+      self._load_package()  # so the list names the components not imported yet too
       raise ValueError(f"{self.kind}={name!r} is not registered; registered: "
                        f"{', '.join(repr(n) for n in self._items)}")
     return self._items[name][0]

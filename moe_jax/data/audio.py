@@ -7,7 +7,7 @@ spectrogram is a numpy STFT (periodic Hann, n_fft 256, hop 120 -> 32 frames) thr
 a hand-made 32-band triangular mel filterbank (300-3400 Hz, the telephone band),
 log(1e-6 + mel), normalised with fixed constants measured on the train split.
 Difficulty knob (source_args): `snr_db=(low, high)` draws the SNR from another range
-(e.g. (-8, -2) for a hard task).
+(imp_tiny.py:hard uses (-16, -10)).
 """
 from __future__ import annotations
 
@@ -92,8 +92,8 @@ class DtmfAudio:
     def __init__(self, split: str = "train", size: int | None = None,
                  snr_db: tuple[float, float] = (5.0, 10.0)):
         check_split(split, SPLITS)
-        if len(snr_db) != 2 or not snr_db[0] <= snr_db[1]:
-            raise ValueError(f"snr_db={tuple(snr_db)} must be (low, high) dB with low <= high")
+        if not hasattr(snr_db, "__len__") or len(snr_db) != 2 or not snr_db[0] <= snr_db[1]:
+            raise ValueError(f"snr_db={snr_db!r} must be (low, high) dB with low <= high")
         self.snr_db = (float(snr_db[0]), float(snr_db[1]))
         self.split = split
         self.size = SIZES[split] if size is None else size

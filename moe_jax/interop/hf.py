@@ -193,6 +193,21 @@ def save_hf(model: Mapping[str, Any], variables: Mapping, directory: str,
     raise ValueError(f"export to Hugging Face needs plain multi-head attention; this model has "
                      f"attention={attention!r}, untied_layers="
                      f"{tuple(model.get('untied_layers') or ())}")
+  moe = dict(model.get("moe") or {})
+  name = lambda spec, default: spec if isinstance(spec, str) else dict(spec or {}).get(
+      "name", default)
+  router, layer = name(moe.get("router"), "top_k"), name(moe.get("layer"), "moe")
+  null = 0 if isinstance(moe.get("router"), str) else dict(moe.get("router") or {}).get(
+      "null_experts", 0)
+  unsupported = [what for what, on in (
+      (f"moe.layer={layer!r}", moe and layer != "moe"),
+      (f"moe.router={router!r}", moe and router != "top_k"),
+      (f"router.null_experts={null}", bool(null)),
+      (f"moe_num_experts={tuple(model.get('moe_num_experts') or ())}",
+       bool(model.get("moe_num_experts")))) if on]
+  if unsupported:  # parameters or semantics no Hugging Face MoE family holds
+    raise ValueError(f"export to Hugging Face needs a plain top-k MoE layer with one expert "
+                     f"count; this model has {', '.join(unsupported)}")
   # Tensors go out in the checkpoint's own dtype (config.json "dtype" / "torch_dtype"),
   # so a bfloat16 import exports bfloat16, bit for bit.
   dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(

@@ -184,3 +184,16 @@ def test_export_to_hugging_face_refuses_moh_and_untied_models(tmp_path, model, s
                                        rf"attention; this model has .*{re.escape(shown)}"):
     save_hf(dict(name="lm", **model), {}, str(tmp_path), {"model_type": "mixtral"})
   assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("model, shown", [
+    (dict(moe=dict(layer=dict(name="residual"))), "moe.layer='residual'"),
+    (dict(moe=dict(router=dict(name="dense_to_sparse"))), "moe.router='dense_to_sparse'"),
+    (dict(moe=dict(router=dict(name="top_k", null_experts=2))), "router.null_experts=2"),
+    (dict(moe=dict(), moe_num_experts=(4, 8)), "moe_num_experts=(4, 8)")])
+def test_export_to_hugging_face_refuses_moe_variants_no_family_holds(tmp_path, model, shown):
+  from moe_jax.interop.hf import save_hf
+  with pytest.raises(ValueError, match=rf"export to Hugging Face needs a plain top-k MoE layer "
+                                       rf"with one expert count; this model has {re.escape(shown)}"):
+    save_hf(dict(name="lm", **model), {}, str(tmp_path), {"model_type": "mixtral"})
+  assert not list(tmp_path.iterdir())

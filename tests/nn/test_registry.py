@@ -129,3 +129,11 @@ def test_a_layer_added_in_one_file_fills_the_moe_positions_of_a_stack():
                                                    layer=dict(name="toy_scale", factor=factor)))
     outputs.append(TransformerStack(cfg_f).apply({"params": params}, x))
   assert np.abs(outputs[1] - outputs[0]).max() > 1e-3  # the option reached the layer
+
+
+def test_an_unknown_name_lists_components_not_imported_yet():
+  for kwargs, names in ((dict(layer="softmoe"), ("'soft_moe'", "'residual'", "'lora_moe'")),
+                        (dict(router="dense2sparse"), ("'dense_to_sparse'", "'conditioned'"))):
+    with pytest.raises(ValueError, match="is not registered; registered: ") as e:
+      MoEConfig(**kwargs)
+    assert all(n in str(e.value) for n in names), str(e.value)
