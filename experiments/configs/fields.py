@@ -96,7 +96,8 @@ def expose_fields(c) -> None:
   defaults, and `source_args.data_dir` to every task (unset: not passed to the source),
   so `--config.tasks.image_cls.source=tfds:NAME --config.tasks.image_cls.source_args.
   data_dir=DIR` works; and `train.init_params` (unset: the model's own init), so a run can
-  start from experiments.upcycle's DST/params."""
+  start from experiments.upcycle / convert's DST/params or another run's parameters (its
+  workdir or one checkpoints/<step>; optimizer state and step start fresh)."""
   for task in c.get("tasks", {}).values():
     if "source_args" not in task:
       task.source_args = config_dict.ConfigDict()

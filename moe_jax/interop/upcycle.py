@@ -59,22 +59,10 @@ Flat = dict[tuple[str, ...], Any]
 
 
 def find_checkpoint(src: str) -> tuple[str, str]:
-  """(the Orbax item directory holding "params", a description) for `src`: a workdir of
-  experiments.train (its latest checkpoint), one checkpoints/<step> directory, or a
-  params directory (experiments.convert / upcycle output)."""
-  src = os.path.abspath(src)
-  ckpts = os.path.join(src, "checkpoints")
-  if os.path.isdir(ckpts):
-    steps = sorted(int(s) for s in os.listdir(ckpts) if s.isdigit())
-    if not steps:
-      raise ValueError(f"--src={src} holds no checkpoint ({ckpts} has no <step> directory)")
-    return os.path.join(ckpts, str(steps[-1]), "state"), f"checkpoint {steps[-1]} of {src}"
-  if os.path.isdir(os.path.join(src, "state")):
-    return os.path.join(src, "state"), f"checkpoint {src}"
-  if os.path.exists(os.path.join(src, "_METADATA")):
-    return src, f"parameters {src}"
-  raise ValueError(f"--src={src} holds no checkpoint: give a workdir of experiments.train, "
-                   "one of its checkpoints/<step> directories, or a params directory")
+  """(the Orbax item directory holding "params", a description) of `--src` (see
+  train.checkpoint.find_saved_params)."""
+  from moe_jax.train.checkpoint import find_saved_params  # noqa: PLC0415
+  return find_saved_params(src, flag="--src")
 
 
 def load_params(src: str) -> tuple[dict[str, Any], str]:

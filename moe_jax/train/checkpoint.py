@@ -186,6 +186,25 @@ class Checkpointer:
       self._manager.close()
 
 
+def find_saved_params(src: str, flag: str = "path") -> tuple[str, str]:
+  """(the Orbax item directory holding "params", a description) for `src`: a workdir of
+  experiments.train (its latest checkpoint), one checkpoints/<step> directory, or a
+  params directory (experiments.convert / upcycle output). `flag` names `src` in errors."""
+  src = os.path.abspath(src)
+  ckpts = os.path.join(src, "checkpoints")
+  if os.path.isdir(ckpts):
+    steps = sorted(int(s) for s in os.listdir(ckpts) if s.isdigit())
+    if not steps:
+      raise ValueError(f"{flag}={src} holds no checkpoint ({ckpts} has no <step> directory)")
+    return os.path.join(ckpts, str(steps[-1]), "state"), f"checkpoint {steps[-1]} of {src}"
+  if os.path.isdir(os.path.join(src, "state")):
+    return os.path.join(src, "state"), f"checkpoint {src}"
+  if os.path.exists(os.path.join(src, "_METADATA")):
+    return src, f"parameters {src}"
+  raise ValueError(f"{flag}={src} holds no checkpoint: give a workdir of experiments.train, "
+                   "one of its checkpoints/<step> directories, or a params directory")
+
+
 def read_on_host(state_dir: str, collections: tuple[str, ...] = ("params", "router_state")
                  ) -> dict[str, Any]:
   """The named top-level collections of a saved state (those it has), as host numpy arrays.

@@ -21,6 +21,7 @@ import numpy as np
 from moe_jax import models
 from moe_jax import validation as V
 from moe_jax.train import agd, barriers, faults
+from moe_jax.train import checkpoint
 from moe_jax.train.checkpoint import Checkpointer, RestoreError, SaveError
 from moe_jax.config import MoEConfig
 from moe_jax.data import BatchIterator, make_source
@@ -178,24 +179,30 @@ def _restore_latest_usable(ckpt: Checkpointer, state, workdir: str):
 
 
 def _init_params_from(path: str, state, shardings, tx):
-  """`state` with the params saved at `path` (experiments.convert writes them), each
-  read straight into its sharding on the mesh, and a fresh optimizer state for them."""
+  """`state` with the params saved at `path`, each read straight into its sharding on the
+  mesh, and a fresh optimizer state for them. `path`: experiments.convert / upcycle output
+  (DST/params), or a training run (its workdir: the latest checkpoint; or one
+  checkpoints/<step>) whose optimizer state and step are left behind."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
-
-  if not os.path.isdir(path):
-    raise ValueError(f"train.init_params={path!r} is not a directory (experiments.convert "
-                     "writes DST/params)")
-  run_record.check_restorable(os.path.dirname(path), state, item=os.path.basename(path),
-                              what=f"train.init_params {path}")
-  abstract = lambda tree, shardings: jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-  target = {"params": abstract(state.params, shardings.params)}
-  # Routing state saved with them (DeepSeek-V3's correction bias) comes along.
   from etils import epath  # noqa: PLC0415
-  saved = ocp.StandardCheckpointHandler().metadata(epath.Path(os.path.abspath(path)))
+
+  item_dir, what = checkpoint.find_saved_params(path, flag="train.init_params")
+  run_record.check_restorable(os.path.dirname(item_dir), state,
+                              item=os.path.basename(item_dir),
+                              what=f"train.init_params {item_dir}")
+  target = {"params": state.params}
+  target_shardings = {"params": shardings.params}
+  # Routing state saved with them (DeepSeek-V3's correction bias) comes along.
+  saved = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
   if state.router_state and "router_state" in saved:
-    target["router_state"] = abstract(state.router_state, shardings.router_state)
-  restored = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+    target["router_state"] = state.router_state
+    target_shardings["router_state"] = shardings.router_state
+  restore_args = jax.tree.map(
+      lambda x, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=x.shape, dtype=x.dtype),
+      target, target_shardings)
+  # partial: a training checkpoint also holds the step and the optimizer state.
+  restored = ocp.PyTreeCheckpointer().restore(item_dir, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True))
   params = restored["params"]
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   return state.replace(params=params, opt_state=opt_state,

@@ -418,6 +418,19 @@ def test_resume_names_a_changed_parameter_shape_and_lists_changed_fields(tmp_pat
                                        r"\S+ has shape \(8, 256, 128\) there and \(4, 256, 128\) now"):
     train_and_evaluate(c, str(tmp_path))
   assert json.loads((tmp_path / "config.json").read_text())["model"]["moe"]["num_experts"] == 8
+  # A fresh run from this one's parameters (train.init_params=WORKDIR: its latest
+  # checkpoint): at a vanishing learning rate they come back unchanged, step fresh.
+  with pytest.raises(ValueError, match=r"^train.init_params \S+/checkpoints/4/state does not "
+                                       r"fit this model: params/decoder/\S+ has shape "
+                                       r"\(8, 256, 128\) there and \(4, 256, 128\) now"):
+    c.train.init_params = str(tmp_path)
+    train_and_evaluate(c, str(tmp_path / "refused"))
+  c.model.moe.num_experts, c.train.num_steps, c.optimizer.learning_rate = 8, 1, 1e-30
+  train_and_evaluate(c, str(tmp_path / "fine_tune"))
+  want, got = _final_state(str(tmp_path), 4), _final_state(str(tmp_path / "fine_tune"), 1)
+  assert int(got["step"]) == 1
+  for (path, a), (_, b) in zip(_flatten(want["params"]), _flatten(got["params"]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-20, err_msg=path)
 
 
 @pytest.mark.parametrize("damage", ["truncate the array data", "empty _METADATA"])
