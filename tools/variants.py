@@ -66,7 +66,7 @@ VARIANTS: dict[str, Variant] = {
     # From lm_dense's 300 steps: 300 more steps dense, upcycled to top-2 MoE, or with
     # frozen FFNs and LoRA experts (only the adapters and their routers train).
     "lmu_dense": Variant("lm_upcycle", "dense, 300 more steps", LM_DENSE,
-                         LM_RUN[:3] + (INIT + "{root}/lm_dense/checkpoints/300/state",)),
+                         LM_RUN[:3] + (INIT + "{root}/lm_dense",)),
     "lmu_moe": Variant("lm_upcycle", "upcycled: 8 copies of the FFN, top-2 (sparse upcycling)",
                        LM, LM_RUN + ("--config.model.moe_every=1",
                                      "--config.model.moe.expert_hidden_dim=512",
