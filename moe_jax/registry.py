@@ -82,3 +82,52 @@ class Registry:
 
   def __len__(self) -> int:
     return len(self._items)
+
+
+def option_defaults(cls, options: tuple[str, ...]) -> dict[str, Any]:
+  """{option: default} of a dataclass component (options without a default left out)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  out = {}
+  for f in dataclasses.fields(cls):
+    if f.name in options:
+      if f.default is not dataclasses.MISSING:
+        out[f.name] = f.default
+      elif f.default_factory is not dataclasses.MISSING:
+        out[f.name] = f.default_factory()
+  return out
+
+
+def drop_exposed_defaults(spec: Any, registry: Registry, options_of: Callable[[Any], tuple]
+                          ) -> Any:
+  """A component spec dict as the command line may leave it: the config file exposed the
+  named component's options at their defaults (experiments/configs/fields.py), so after
+  `--config.model.moe.router.name=expert_choice` the dict still holds top_k's. Options the
+  named component does not take are dropped when their value is some registered
+  component's default for that option (any other stays, for the component's one-line
+  "unknown option" error); so are its own options left at None where None is the default."""
+  if isinstance(spec, str) or not hasattr(spec, "items") or "name" not in spec:
+    return spec
+  spec = dict(spec.items())
+  cls = registry.get(spec["name"])
+  own = option_defaults(cls, options_of(cls))
+  registry._load_package()  # pylint: disable=protected-access  (every component's defaults)
+  others = [option_defaults(c, options_of(c)) for c in (registry.get(n) for n in registry.names())]
+  for key in [k for k in spec if k != "name"]:
+    value = spec[key]
+    if key in own:
+      if value is None and own[key] is None:
+        del spec[key]
+    elif any(key in d and _same(d[key], value) for d in others):
+      del spec[key]
+  return spec
+
+
+def _same(a: Any, b: Any) -> bool:
+  """Equal config values (a list and a tuple alike; True is not 1)."""
+  norm = lambda v: tuple(v) if isinstance(v, list) else v
+  if isinstance(a, bool) != isinstance(b, bool):
+    return False
+  try:
+    return bool(norm(a) == norm(b))
+  except Exception:  # noqa: BLE001 -- arrays and other odd values: not a default
+    return False

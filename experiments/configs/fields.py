@@ -17,6 +17,7 @@ from ml_collections import config_dict
 
 from moe_jax.config import MoEConfig, TransformerConfig
 from moe_jax.models import MODELS
+from moe_jax.nn.attention import ATTENTIONS, attention_options
 from moe_jax.nn.layers import MOE_LAYERS, layer_options
 from moe_jax.nn.routing import ROUTERS, RouterSpec
 from moe_jax.nn.routing.base import router_options
@@ -73,22 +74,32 @@ def _add_defaults(node, cls) -> None:
       node[field.name] = default
 
 
-def _expose_spec(moe, key: str, default: str, registry, options) -> None:
-  """model.moe.<key> (router, layer) as dict(name=..., every option of that component at
-  its default), so `--config.model.moe.router.jitter=0.01` works whatever the file wrote
-  (a bare name included)."""
-  value = moe.get(key, default)
+def _expose_spec(node, key: str, default: str, registry, options) -> None:
+  """node.<key> (moe.router, moe.layer, model.attention) as dict(name=..., every option of
+  that component at its default; a typed placeholder where the default is None), so
+  `--config.model.moe.router.jitter=0.01` works whatever the file wrote (a bare name
+  included). After `--config...router.name=OTHER` the first component's defaults left in
+  the dict are dropped when the model is built (registry.drop_exposed_defaults)."""
+  value = node.get(key, default)
   spec = RouterSpec.parse(value, key)
-  node = config_dict.ConfigDict(dict(name=spec.name, **spec.kwargs()))
+  out = config_dict.ConfigDict(dict(name=spec.name, **spec.kwargs()))
   cls = registry.get(spec.name)
+  try:
+    hints = typing.get_type_hints(cls)
+  except Exception:  # noqa: BLE001 -- unresolvable annotations: no placeholders
+    hints = {}
   for name in options(cls):
-    if name not in node:
+    if name not in out:
       field = next(f for f in dataclasses.fields(cls) if f.name == name)
-      if field.default is not dataclasses.MISSING and field.default is not None:
-        node[name] = field.default
+      if field.default is None:
+        kind = _placeholder_type(hints.get(name))
+        if kind is not None:
+          out[name] = config_dict.placeholder(kind)
+      elif field.default is not dataclasses.MISSING:
+        out[name] = field.default
   if isinstance(value, str):  # a typed field: a string cannot become a dict in place
-    del moe[key]
-  moe[key] = node
+    del node[key]
+  node[key] = out
 
 
 def expose_fields(c) -> None:
@@ -109,6 +120,8 @@ def expose_fields(c) -> None:
   _, config_cls, _ = MODELS[model.get("name", "imp")]
   _add_defaults(model, config_cls)
   _add_defaults(model, TransformerConfig)
+  if model.get("mla") is None:  # mla replaces the q/k/v attention
+    _expose_spec(model, "attention", "mha", ATTENTIONS, attention_options)
   if model.get("moe"):
     _add_defaults(model.moe, MoEConfig)
     _expose_spec(model.moe, "router", "top_k", ROUTERS, router_options)

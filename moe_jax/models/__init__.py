@@ -14,6 +14,10 @@ from moe_jax import validation as V
 from moe_jax.config import MLAConfig, MoEConfig, TransformerConfig
 from moe_jax.models.imp import IMPConfig, IMPModel
 from moe_jax.models.lm import DecoderLM, LMConfig
+from moe_jax.nn.attention import ATTENTIONS, attention_options
+from moe_jax.nn.layers import MOE_LAYERS, layer_options
+from moe_jax.nn.routing import ROUTERS, router_options
+from moe_jax.registry import drop_exposed_defaults
 
 MODELS = {"imp": (IMPModel, IMPConfig, "encoder"), "lm": (DecoderLM, LMConfig, "decoder")}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -45,8 +49,15 @@ def build_model(model_cfg: Mapping[str, Any]):
   stack_keys = _fields(TransformerConfig) - {"moe", "mla"}
   model_keys = _fields(config_cls) - {stack_field}
   _check_keys("config.model", cfg, stack_keys | model_keys | {"name", "dtype", "moe", "mla"})
+  if "attention" in cfg:
+    cfg["attention"] = drop_exposed_defaults(cfg["attention"], ATTENTIONS, attention_options)
   if moe:
-    moe = MoEConfig.from_dict(dict(moe))
+    moe = dict(moe)
+    for key, registry, options_of in (("router", ROUTERS, router_options),
+                                      ("layer", MOE_LAYERS, layer_options)):
+      if key in moe:
+        moe[key] = drop_exposed_defaults(moe[key], registry, options_of)
+    moe = MoEConfig.from_dict(moe)
   if mla:
     _check_keys("config.model.mla", mla, _fields(MLAConfig))
     mla = MLAConfig(**dict(mla))

@@ -310,3 +310,23 @@ def test_build_model_names_unknown_keys():
     models.build_model({**IMP, "moe": {"num_expert": 4}})
   with pytest.raises(ValueError, match=r"model.name='gpt' is not supported"):
     models.build_model({**IMP, "name": "gpt"})
+
+
+def test_switching_a_component_by_name_drops_the_first_ones_exposed_defaults():
+  # The shipped configs expose the named router's / layer's / attention's options at their
+  # defaults (for --config.model.moe.router.jitter=...); switching the name on the command
+  # line leaves them behind. Defaults of another component go; a set value stays and is
+  # refused in one line; None placeholders of the component's own options go.
+  from experiments.configs import lm_tiny
+  c = lm_tiny.get_config("smoke")
+  assert c.model.moe.router.k == 2 and c.model.attention.name == "mha"
+  c.model.moe.router.name = "expert_choice"
+  c.model.moe.layer = {"name": "residual", "mlp_hidden_dim": None}
+  c.model.attention = {"name": "moh", "k": 1, "shared_heads": None}
+  stack = models.stack_config(models.build_model(c.model))
+  assert stack.moe.router.kwargs() == {"jitter": 0.0}  # top_k's k, score, ... dropped
+  assert stack.moe.layer.kwargs() == {} and stack.attention.kwargs() == {"k": 1}
+  c.model.moe.router.k = 3  # not expert choice's option, and not a default anywhere
+  with pytest.raises(ValueError, match=r"^unknown option\(s\) \['k'\] for router "
+                                       r"'expert_choice'; valid: jitter$"):
+    models.build_model(c.model)

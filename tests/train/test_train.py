@@ -511,6 +511,8 @@ def test_every_model_stack_and_moe_field_is_in_every_shipped_config():
                             "default", None) is not None} - set(c.model.moe.router.keys())
       assert not missing, (c.model.name, router_cls.__name__, missing)
       assert c.model.moe.layer.name == "moe"  # the layer as a dict too (its options)
+    if not c.model.get("mla"):  # the q/k/v attention as a dict too
+      assert c.model.attention.name == "mha"
     assert all("data_dir" in t.source_args for t in c.tasks.values())
 
 

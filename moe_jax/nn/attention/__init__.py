@@ -17,10 +17,15 @@ ATTENTIONS.register("mha")(SelfAttention)
 from moe_jax.nn.attention.moh import MoHAttention  # noqa: E402  (registers "moh")
 
 
+def attention_options(cls) -> tuple[str, ...]:
+  """The options a user may set for an attention class (its OPTIONS; mha: none)."""
+  return tuple(getattr(cls, "OPTIONS", ()))
+
+
 def check_attention_spec(spec, num_heads: int) -> None:
   """Unknown attention names and options fail at config build, in one line."""
   cls = ATTENTIONS.get(spec.name)
-  allowed = getattr(cls, "OPTIONS", ())
+  allowed = attention_options(cls)
   unknown = sorted(set(spec.kwargs()) - set(allowed))
   if unknown:
     raise ValueError(f"unknown option(s) {unknown} for attention {spec.name!r}; valid: "
@@ -30,5 +35,5 @@ def check_attention_spec(spec, num_heads: int) -> None:
     check(num_heads, **spec.kwargs())
 
 
-__all__ = ["ATTENTIONS", "LatentAttention", "MoHAttention", "SelfAttention", "apply_rope",
+__all__ = ["ATTENTIONS", "LatentAttention", "attention_options", "MoHAttention", "SelfAttention", "apply_rope",
            "attend_with_cache", "check_attention_spec"]
