@@ -26,7 +26,7 @@ from moe_jax.data import make_source
 from moe_jax.parallel.partitioning import global_batch, mesh_from_config
 from moe_jax.train import agd
 from moe_jax.train.step import init_train_state, make_optimizer, make_train_step
-from moe_jax.train.trainer import _iterator
+from moe_jax.train.trainer import first_train_batches, task_iterator
 
 _IMAGE_DATASET = flags.DEFINE_string("image_dataset", None,
                                      "data_dir for the synthetic TFDS image dataset (written "
@@ -66,7 +66,7 @@ def write_image_dataset(data_dir: str) -> None:
 
 
 def loader_rate(task, loader: dict, batches: int) -> float:
-    it = _iterator(task, task.source, 0, True, loader)
+    it = task_iterator(task, task.source, 0, True, loader)
     next(it)  # start-up (threads, worker processes) is not throughput
     t0 = time.perf_counter()
     for _ in range(batches):
@@ -81,8 +81,7 @@ def step_rates(config, tasks, steps: int) -> dict[str, float]:
     with jax.set_mesh(mesh):
         model = models.build_model(config.model)
         tx = make_optimizer(config.optimizer, 1000)
-        batches = {t.name: global_batch(mesh, _iterator(t, t.source, 0, True, {}).batch_at(0))
-                   for t in tasks}
+        batches = {name: global_batch(mesh, b) for name, b in first_train_batches(tasks).items()}
         state, _ = init_train_state(model, tx, batches, tasks, 0, mesh)
         train_step, _ = make_train_step(model, tx)
         step = jax.jit(train_step, static_argnames=("task",), donate_argnums=(0,))

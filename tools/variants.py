@@ -165,13 +165,12 @@ def cost(wd: str, eval_metrics: dict) -> dict[str, float]:
   from moe_jax import models
   from moe_jax.data import make_source
   from moe_jax.train import agd, step
-  from moe_jax.train.trainer import _iterator
+  from moe_jax.train.trainer import first_train_batches
   with open(os.path.join(wd, "config.json")) as f:
     config = config_dict.ConfigDict(json.load(f))
   tasks = agd.tasks_from_config(config.tasks, lambda spec, kw: make_source(spec, **kw))
   model = models.build_model(config.model)
-  batches = {t.name: jax.tree.map(np.asarray, _iterator(t, t.source, 0, True, {}).batch_at(0))
-             for t in tasks}
+  batches = jax.tree.map(np.asarray, first_train_batches(tasks))
   variables = step.init_variables(model, batches, tasks, 0)  # every task's parameters
   task, batch = tasks[0], batches[tasks[0].name]
   analysis = step.make_eval_step(model).lower(variables, batch, task=task).compile().cost_analysis()

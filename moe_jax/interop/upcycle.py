@@ -353,18 +353,12 @@ def init_moe_variables(config) -> dict[str, Any]:
   from moe_jax.data import make_source  # noqa: PLC0415
   from moe_jax.train import agd  # noqa: PLC0415
   from moe_jax.train.step import init_variables  # noqa: PLC0415
-  from moe_jax.train.trainer import _iterator  # noqa: PLC0415 -- the trainer's batches
+  from moe_jax.train.trainer import first_train_batches  # noqa: PLC0415
 
   tasks = agd.tasks_from_config(config.tasks, lambda spec, kw: make_source(spec, **kw))
   model = models.build_model(config.model)
   loader = dict(config.get("data", None) or {})
-  batches = {}
-  for i, task in enumerate(tasks):  # only the shapes matter: one batch per task
-    it = _iterator(task, task.source, int(config.seed) + 1000 * i, True, loader)
-    try:
-      batches[task.name] = it.batch_at(0)
-    finally:
-      it.close()
+  batches = first_train_batches(tasks, int(config.seed), loader)  # only shapes matter
   variables = init_variables(model, batches, tasks, int(config.seed))
   return jax.tree.map(np.asarray, dict(variables))
 

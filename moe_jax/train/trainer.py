@@ -67,8 +67,8 @@ def check_workdir(workdir: str) -> None:
     raise TrainingError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from None
 
 
-def _iterator(task: agd.Task, spec: str, seed: int, train: bool,
-              loader: Mapping[str, Any]) -> BatchIterator:
+def task_iterator(task: agd.Task, spec: str, seed: int, train: bool,
+                  loader: Mapping[str, Any]) -> BatchIterator:
   """The task's batches from `spec`: train (shuffled, full batches) or eval (the whole
   split in order, the last batch filled up and masked)."""
   args = task.source_args if train or task.eval_source_args is None else task.eval_source_args
@@ -89,6 +89,20 @@ def _iterator(task: agd.Task, spec: str, seed: int, train: bool,
                        name=f"task {task.name!r} ({'train' if train else 'eval'} {spec})",
                        num_workers=workers, num_threads=int(loader.get("num_threads", 1)),
                        prefetch=int(loader.get("prefetch", 2)))
+
+
+def first_train_batches(tasks, seed: int = 0, loader: Mapping[str, Any] | None = None
+                        ) -> dict[str, Any]:
+  """{task name: its first training batch, as the trainer builds it}: example inputs for
+  shapes (initialising variables, cost analysis) outside a run."""
+  batches = {}
+  for i, task in enumerate(tasks):
+    it = task_iterator(task, task.source, seed + 1000 * i, True, loader or {})
+    try:
+      batches[task.name] = it.batch_at(0)
+    finally:
+      it.close()
+  return batches
 
 
 def check_train_config(config) -> None:
@@ -277,9 +291,9 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, Any]:
                      for t in tasks if t.eval_source}, rules)
   sampler = agd.TaskSampler(tasks, config.agd.get("sampler", "weighted"), seed)
   loader = dict(config.get("data", None) or {})
-  train_iters = {t.name: _iterator(t, t.source, seed + 1000 * i, True, loader)
+  train_iters = {t.name: task_iterator(t, t.source, seed + 1000 * i, True, loader)
                  for i, t in enumerate(tasks)}
-  eval_iters = {t.name: _iterator(t, t.eval_source, seed, False, loader)
+  eval_iters = {t.name: task_iterator(t, t.eval_source, seed, False, loader)
                 for t in tasks if t.eval_source}
   put = lambda batch: global_batch(mesh, batch, rules)
   for it in eval_iters.values():  # a bad eval transform fails now, not after training

@@ -13,7 +13,7 @@ from moe_jax.data import make_source
 from moe_jax.parallel.partitioning import global_batch, mesh_from_config
 from moe_jax.parallel.sharding import initialize_distributed
 from moe_jax.train import agd
-from moe_jax.train.trainer import _iterator
+from moe_jax.train.trainer import task_iterator
 
 
 def main(out: str) -> None:
@@ -22,7 +22,7 @@ def main(out: str) -> None:
   arrays = {}
   for config in (lm_tiny.get_config("smoke"), imp_tiny.get_config("smoke")):
     task = agd.tasks_from_config(config.tasks, lambda s, kw: make_source(s, **kw))[0]
-    it = _iterator(task, task.source, seed=7, train=True, loader={})
+    it = task_iterator(task, task.source, seed=7, train=True, loader={})
     for step in range(3):
       batch = global_batch(mesh, next(it))
       for key, value in batch.items():

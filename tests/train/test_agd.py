@@ -113,13 +113,13 @@ def test_a_batch_that_cannot_be_stacked_names_the_task_feature_and_shapes():
 
 def test_eval_source_args_reach_the_held_out_source_only():
   # pylint: disable-next=import-outside-toplevel
-  from moe_jax.train.trainer import _iterator
+  from moe_jax.train.trainer import task_iterator
   from moe_jax.data import make_source  # pylint: disable=import-outside-toplevel
   cfg = {"t": dict(kind="classify", source="digits_image:train", eval_source="digits_image:test",
                    source_args=dict(size=40, noise=0.2), eval_source_args=dict(noise=0.2))}
   task, = tasks_from_config(cfg, lambda spec, kw: make_source(spec, **kw))
-  assert len(_iterator(task, task.source, 0, True, {}).source) == 40
-  held_out = _iterator(task, task.eval_source, 0, False, {}).source
+  assert len(task_iterator(task, task.source, 0, True, {}).source) == 40
+  held_out = task_iterator(task, task.eval_source, 0, False, {}).source
   assert len(held_out) == 360 and held_out.noise == 0.2  # the whole test split, noisy
   plain, = tasks_from_config({"t": {**cfg["t"], "eval_source_args": None, "num_classes": 10}})
-  assert len(_iterator(plain, plain.eval_source, 0, False, {}).source) == 40  # source_args
+  assert len(task_iterator(plain, plain.eval_source, 0, False, {}).source) == 40  # source_args
