@@ -87,20 +87,10 @@ def router_entropy(probs_TE: jax.Array, valid_T: jax.Array | None = None) -> jax
 
 
 def sum_aux_losses(collections: dict[str, Any]) -> jax.Array:
-  """Sum of every weighted aux loss the MoE layers sowed (0.0 if none).
-
-  Pass the mutable collections returned by `apply(..., mutable=[...])`, or just
-  the "aux_loss" collection itself.
-  """
-  if AUX_LOSS_COLLECTION in collections:
-    tree = collections[AUX_LOSS_COLLECTION]
-  elif METRICS_COLLECTION in collections or "router_state" in collections:
-    # apply's collections without an aux loss (a layer with none, e.g. Soft MoE): its
-    # metrics and router state are not losses.
-    tree = {}
-  else:
-    tree = collections
-  leaves = jax.tree_util.tree_leaves(tree)
+  """Sum of every weighted aux loss the MoE layers sowed (0.0 if none): pass the mutable
+  collections `apply(..., mutable=[...])` returned; only its "aux_loss" collection counts
+  (a layer may sow none, e.g. Soft MoE; metrics and router state are not losses)."""
+  leaves = jax.tree_util.tree_leaves(collections.get(AUX_LOSS_COLLECTION, {}))
   return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
 
 

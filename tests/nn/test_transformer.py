@@ -69,6 +69,7 @@ def test_scanned_stack_equals_loop(placement):
   y_loop, st_loop = loop.apply({"params": params}, x, mutable=["aux_loss"])
   y_scan, st_scan = scanned.apply({"params": sparams}, x, mutable=["aux_loss"])
   np.testing.assert_allclose(y_scan, y_loop, rtol=1e-5, atol=1e-5)
+  assert sum_aux_losses(st_loop) > 0  # the stacks sowed their balance losses
   np.testing.assert_allclose(sum_aux_losses(st_scan), sum_aux_losses(st_loop), rtol=1e-5)
   g = lambda m, p: jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x) ** 3))(p)
   g_scan = _stack_to_scanned(g(loop, params), pattern)

@@ -193,6 +193,7 @@ def test_scanned_stack_equals_loop(variant):
   run = lambda m, p: m.apply({"params": p}, x, mask_BS=MASK, context=ctx, mutable=["aux_loss"])
   (y_loop, st_loop), (y_scan, st_scan) = run(loop, params), run(scanned, sparams)
   np.testing.assert_allclose(y_scan, y_loop, rtol=1e-5, atol=1e-5)
+  assert sum_aux_losses(st_loop) > 0  # the stacks sowed their balance losses
   np.testing.assert_allclose(sum_aux_losses(st_scan), sum_aux_losses(st_loop), rtol=1e-5)
   g = lambda m, p: jax.grad(lambda p: jnp.sum(run(m, p)[0] ** 3))(p)
   for a, b in zip(jax.tree.leaves(g(scanned, sparams)),
