@@ -421,7 +421,8 @@ def upcycle(srcs: Sequence[str], dst: str, config, *, granularity: int = 1, nois
   layout = out.pop("layout")
   record = {"sources": [os.path.abspath(s) for s in srcs], "checkpoints": names,
             "granularity": granularity, "noise": noise, "seed": seed,
-            "experts": [{"source": s, "shard": g} for s, g in layout],
+            # lora_moe: the FFN is kept whole under the adapters (no expert copies).
+            "experts": [{"source": s, "shard": g} for s, g in layout or ()],
             "model": config_dict(config.model), "train_command": train_command}
   with all_or_nothing(dst, prefix=".upcycle-") as tmp:
     say(f"writing {dst}/params")

@@ -298,6 +298,12 @@ def test_upcycle_cli_then_train_on_a_data_2_expert_4_mesh_and_resume(tmp_path):
   assert f"resumed from {ft}/checkpoints at step 2" in again.stdout
   assert "parameters from" not in again.stdout
   assert json.load(open(ft / "summary.json"))["final_step"] == 3
+  # Into lora_moe layers (the whole FFN frozen under the adapters) from the same run.
+  from experiments.configs import lm_tiny_lora
+  from moe_jax.interop.upcycle import upcycle
+  lora = _apply(lm_tiny_lora.get_config("smoke"), [*TINY[:3], "--config.model.moe.layer.mlp_dim=64"])
+  record = upcycle([str(dense_wd)], str(tmp_path / "lora"), lora, say=lambda s: None)
+  assert record["experts"] == [] and os.path.isdir(tmp_path / "lora" / "params")
 
 
 def test_upcycle_cli_error_is_one_line_and_writes_nothing(tmp_path):
