@@ -11,6 +11,9 @@ import jax.numpy as jnp
 
 AUX_LOSS_COLLECTION = "aux_loss"  # weighted scalars; the trainer adds their sum
 METRICS_COLLECTION = "moe_metrics"  # raw per-layer losses and router metrics
+# Per-token routing (experts, weights, router probabilities), sown only when an apply asks
+# for this collection (moe_jax.analysis): training and eval never carry it.
+ROUTING_COLLECTION = "routing"
 
 
 def token_mean(x_T: jax.Array, valid_T: jax.Array | None = None) -> jax.Array:

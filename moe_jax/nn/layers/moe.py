@@ -44,6 +44,35 @@ def drop_metrics(decision, kept_TK: jax.Array, num_experts: int,
   }
 
 
+def routing_record(decision, kept_TK: jax.Array, num_experts: int, lead: tuple[int, ...],
+                   token_mask: jax.Array | None, context_T: Context | None
+                   ) -> dict[str, jax.Array]:
+  """What moe_jax.analysis reads of one call, each with the input's leading shape `lead`
+  ([B, S] for a sequence model) so tokens map back to their examples:
+  expert_index / weight / valid / kept [..., K] (valid: the slot chose an expert; kept:
+  and it ran), probs [..., E'] (softmax of the router logits when the router has them;
+  E' > E with null experts), token_valid [...], modality [...] (-1 where the model gave
+  none) and the scalar num_experts (under scan over layers every leaf gains a leading
+  [repeats] axis; this scalar shows it)."""
+  K = decision.expert_index_TK.shape[-1]
+  record = {
+      "expert_index": decision.expert_index_TK.reshape(*lead, K),
+      "weight": decision.weight_TK.astype(jnp.float32).reshape(*lead, K),
+      "valid": decision.valid_TK().reshape(*lead, K),
+      "kept": kept_TK.reshape(*lead, K),
+      "token_valid": (jnp.ones(lead, bool) if token_mask is None
+                      else token_mask.astype(bool).reshape(lead)),
+      "modality": (jnp.full(lead, -1, jnp.int32)
+                   if context_T is None or context_T.modality_id is None
+                   else context_T.modality_id.astype(jnp.int32).reshape(lead)),
+      "num_experts": jnp.asarray(num_experts, jnp.int32),
+  }
+  if decision.logits_TE is not None:
+    logits = decision.logits_TE.astype(jnp.float32)
+    record["probs"] = jax.nn.softmax(logits, axis=-1).reshape(*lead, logits.shape[-1])
+  return record
+
+
 @MOE_LAYERS.register("moe")
 class MoELayer(nn.Module):
   """Sparse MoE FFN over inputs of any leading shape [..., D].
@@ -119,6 +148,10 @@ class MoELayer(nn.Module):
     # output back into apply(..., mutable=...) cannot count an aux loss twice. (Values
     # still append per call: a shared encoder run on two modalities sows two of each.)
     if not self.is_initializing():
+      if self.is_mutable_collection(losses.ROUTING_COLLECTION):
+        self.sow(losses.ROUTING_COLLECTION, "moe",
+                 routing_record(decision, kept_TK & valid_TK, cfg.num_experts, x.shape[:-1],
+                                token_mask, context_T))
       self.sow(losses.METRICS_COLLECTION, "moe", metrics)
       self.sow(losses.AUX_LOSS_COLLECTION, "moe",
                cfg.load_balance_weight * metrics["load_balance_loss"]
