@@ -4,6 +4,7 @@ r"""Generate text (or token ids) from a trained workdir or a Hugging Face MoE ch
       --max_new_tokens=64 --temperature=0.8 --top_p=0.95
   python -m experiments.generate --workdir=HF_DIR --prompt_ids=1,15,27 --max_new_tokens=8
 
+--steer=LAYER:EXPERT=BIAS biases the router (experiments.analyze explains it).
 Several --prompt (or --prompt_ids) flags decode as one batch (left-padded). One prompt
 streams its tokens as they come. Greedy unless --temperature > 0. Bad input: one line.
 """
@@ -26,6 +27,8 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus: smallest set with this proba
 _STOP = flags.DEFINE_list("stop_tokens", [], "token ids that end a row (included)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+_STEER = flags.DEFINE_multi_string("steer", [], "LAYER:EXPERT=BIAS added to that expert's "
+                                   "router logit (MoE layer index from 0; see experiments.analyze)")
 
 
 def _ids(text: str) -> list[int]:
@@ -47,6 +50,10 @@ def run() -> list[list[int]]:
                             top_p=_TOP_P.value, max_new_tokens=_MAX_NEW.value,
                             stop_tokens=tuple(int(s) for s in _STOP.value), seed=_SEED.value)
   model, variables, tokenizer, what = load_for_generation(_WORKDIR.value, _STEP.value)
+  if _STEER.value:  # router steering (moe_jax.analysis.steering)
+    from moe_jax.analysis.steering import parse_steer, steering_variables  # noqa: PLC0415
+    variables = {**variables, **steering_variables(variables["params"],
+                                                   parse_steer(_STEER.value))}
   if _PROMPT.value and tokenizer is None:
     raise ValueError(f"{_WORKDIR.value} has no tokenizer (tokenizer.json): use --prompt_ids")
   prompts = [tokenizer.encode_prompt(p) for p in _PROMPT.value] + [_ids(p) for p in

@@ -110,3 +110,16 @@ def format_summary(summary: dict[str, Any]) -> str:
       lines.append(f"{'':<34} JS divergence between groups: mean {np.mean(js):.3f}, "
                    f"max {np.max(js):.3f} bits over {len(js)} pair(s)")
   return "\n".join(lines)
+
+
+def format_metric_change(before: dict[str, dict], after: dict[str, dict]) -> str:
+  """Each task's eval metrics without and with steering, and the change."""
+  lines = [f"{'task':<14} {'metric':<28} {'before':>9} {'steered':>9} {'change':>9}"]
+  for task, metrics in before.items():
+    for key, value in metrics.items():
+      if key.startswith(("moe/", "eval_")) or key not in after.get(task, {}):
+        continue
+      new = after[task][key]
+      lines.append(f"{task[:14]:<14} {key[:28]:<28} {value:>9.4f} {new:>9.4f} "
+                   f"{new - value:>+9.4f}")
+  return "\n".join(lines)

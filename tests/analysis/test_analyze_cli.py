@@ -70,6 +70,12 @@ def test_analyze_writes_tables_and_heatmaps_by_label_and_by_modality(workdir, tm
                                      r"its tasks: audio_cls, image_cls$"),
     ("copy", ("--step=7",), r"has no checkpoint 7; it has \[2\]$"),
     ("copy", ("--max_batches=-1",), r"--max_batches=-1 must be >= 0$"),
+    ("copy", ("--steer=5:0=1",), r"steering layer 5 is out of range: the model has \d+ MoE "
+                                 r"layers \(0\.\.\d+: encoder/"),
+    ("copy", ("--steer=0:99=1",), r"steering expert 99 is out of range: layer 0 \(\S+\) has "
+                                  r"\d+ experts"),
+    ("copy", ("--steer_group=video_cls",), r"group 'video_cls' is not in the analysis; groups: "
+                                           r"audio_cls, image_cls$"),
 ])
 def test_bad_input_is_one_line(workdir, tmp_path, make, args, message):
   wd = str(tmp_path / "wd")
@@ -82,3 +88,19 @@ def test_bad_input_is_one_line(workdir, tmp_path, make, args, message):
   assert r.returncode == 1
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and re.search(message, last), last
+
+
+def test_steering_from_the_cli_reports_routing_and_metrics_before_and_after(workdir, tmp_path):
+  out = tmp_path / "steer"
+  r = analyze(f"--workdir={workdir}", "--tasks=image_cls", "--max_batches=1", f"--out={out}",
+              "--plots=false", "--steer_group=image_cls", "--steer_top=1", "--steer_bias=1e4",
+              "--steer_layers=0")
+  assert r.returncode == 0, r.stderr[-3000:]
+  saved = json.load(open(out / "steering.json"))
+  (layer0, biases), = saved["steering"].items()
+  assert layer0 == "0" and list(biases.values()) == [1e4]
+  assert set(saved["before"]["image_cls"]) == set(saved["after"]["image_cls"])
+  assert "accuracy" in saved["before"]["image_cls"]
+  steered = json.load(open(out / "steered" / "routing.json"))
+  assert steered["meta"]["steering"] == saved["steering"]
+  assert "steered routing:" in r.stdout and "before   steered" in r.stdout

@@ -27,12 +27,19 @@ def test_cli_greedy_ids_equal_transformers_and_bad_input_is_one_line(tmp_path):
                   f"--max_new_tokens={len(want)}")
   assert run.returncode == 0, run.stderr[-2000:]
   assert run.stdout.split() == [str(i) for i in want]  # streamed, one prompt
+  # Router steering with zero bias on every expert of the first MoE layer changes nothing.
+  steered = _generate(f"--workdir={FIXTURE}", f"--prompt_ids={','.join(map(str, prompt))}",
+                      f"--max_new_tokens={len(want)}", "--steer=0:0,1,2,3=0")
+  assert steered.returncode == 0, steered.stderr[-2000:]
+  assert steered.stdout.split() == [str(i) for i in want]
   for args, message in (
       ([f"--workdir={tmp_path}", "--prompt=x"], f"error: {tmp_path} has no config.json"),
       ([f"--workdir={FIXTURE}", "--prompt=hello"], "has no tokenizer (tokenizer.json): use "
                                                    "--prompt_ids"),
       ([f"--workdir={FIXTURE}", "--prompt_ids=3,x"], "--prompt_ids='3,x' must be comma-"),
-      ([f"--workdir={FIXTURE}", "--prompt_ids=3", "--top_p=0"], "top_p=0.0 must be in (0, 1]")):
+      ([f"--workdir={FIXTURE}", "--prompt_ids=3", "--top_p=0"], "top_p=0.0 must be in (0, 1]"),
+      ([f"--workdir={FIXTURE}", "--prompt_ids=3", "--steer=9:0=1"], "steering layer 9 is out "
+                                                                   "of range: the model has")):
     bad = _generate(*args)
     last = bad.stderr.strip().splitlines()[-1]
     assert bad.returncode == 1 and message in last and "Traceback" not in bad.stderr, last

@@ -97,6 +97,9 @@ def resolve_group_size(num_tokens: int, group_size: int | None) -> int:
   return group_size
 
 
+STEERING_COLLECTION = "steering"  # {..router path..: {"logit_bias_E": [E]}}, never trained
+
+
 def router_logits(module: nn.Module, x_TD: jax.Array, num_experts: int, jitter: float,
                    deterministic: bool, param_dtype: Any) -> jax.Array:
   """float32 logits x @ W, with multiplicative input jitter while training."""
@@ -111,7 +114,13 @@ def router_logits(module: nn.Module, x_TD: jax.Array, num_experts: int, jitter: 
     x_TD = x_TD * noise
   w_DE = module.param("w_DE", nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
                       (x_TD.shape[-1], num_experts), param_dtype)
-  return jnp.einsum("TD,DE->TE", x_TD, w_DE.astype(jnp.float32))
+  logits_TE = jnp.einsum("TD,DE->TE", x_TD, w_DE.astype(jnp.float32))
+  # Steering at inference (moe_jax.analysis.steering): a per-expert bias on the logits,
+  # before every router's selection, when the caller passes the "steering" collection.
+  if module.has_variable(STEERING_COLLECTION, "logit_bias_E"):
+    bias_E = module.get_variable(STEERING_COLLECTION, "logit_bias_E").astype(jnp.float32)
+    logits_TE = logits_TE + bias_E[None, :]
+  return logits_TE
 
 
 def check_token_mask(token_mask_T: jax.Array | None, x_TD: jax.Array) -> jax.Array | None:
