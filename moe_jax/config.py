@@ -62,6 +62,9 @@ class MoEConfig:
       exchange) or "auto" (capacity for einsum and expert choice, dropless
       otherwise: the semantics the layer has on one device). `dispatch` runs the
       local experts.
+    prune_beta: dynamic pruning at inference (deterministic calls only; MC-MoE's online
+      dynamic pruning, arXiv:2410.06270): a token skips its slots whose combine weight
+      is below prune_beta x its largest weight (weights not renormalised). 0: off.
   """
 
   num_experts: int = 8
@@ -82,6 +85,7 @@ class MoEConfig:
   load_balance_weight: float = 1e-2
   z_loss_weight: float = 1e-3
   expert_parallel: str = "auto"
+  prune_beta: float = 0.0
 
   def __post_init__(self):
     # pylint: disable=import-outside-toplevel  (the registries import this module)
@@ -108,6 +112,8 @@ class MoEConfig:
     V.check_int_range("num_shared_experts", self.num_shared_experts, lo=0)
     if self.shared_hidden_dim is not None:
       V.check_int_range("shared_hidden_dim", self.shared_hidden_dim, lo=1)
+    if not 0.0 <= self.prune_beta <= 1.0:
+      raise ValueError(f"prune_beta={self.prune_beta!r} must be in [0, 1] (0: no pruning)")
     for name in ("load_balance_weight", "z_loss_weight"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")

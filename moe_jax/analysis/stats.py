@@ -8,7 +8,7 @@ over tokens of the entropy of the softmax of the router logits, nats), dropped s
 and dropped tokens (valid slots / tokens that ran on no expert), top-1 share (mean over
 routed tokens of the largest combine weight over the sum of the token's kept weights),
 co-activation (share of tokens that ran on both expert i and expert j; its diagonal is
-each expert's token share) and the routing distribution (mean router probabilities; the
+each expert's token share), each expert's mean combine weight over its slots that ran and the routing distribution (mean router probabilities; the
 load where the router has no logits). Alignment between two groups is the Jensen-Shannon
 divergence of their routing distributions, in bits (0: identical, 1: disjoint), as in
 Bandarkar et al., "Multilingual Routing in Mixture-of-Experts", arXiv:2510.04694 (which
@@ -50,12 +50,14 @@ class GroupStats:
   top1_sum: float = 0.0
   load_E: np.ndarray = None
   prob_sum_E: np.ndarray = None
+  weight_sum_E: np.ndarray = None
   coact_EE: np.ndarray = None
 
   def __post_init__(self):
     E = self.num_experts
     self.load_E = np.zeros(E, np.float64)
     self.prob_sum_E = np.zeros(E, np.float64)
+    self.weight_sum_E = np.zeros(E, np.float64)
     self.coact_EE = np.zeros((E, E), np.float64)
 
   def add(self, expert_index_NK, weight_NK, kept_NK, valid_NK, probs_NE=None) -> None:
@@ -72,6 +74,7 @@ class GroupStats:
     routed = kept.any(-1)
     self.routed_tokens += int(routed.sum())
     w = np.where(kept, np.asarray(weight_NK, np.float64), 0.0)
+    self.weight_sum_E += np.einsum("nk,nke->e", w, onehot_NKE)
     total = w.sum(-1)
     share = np.where(total > 0, w.max(-1) / np.where(total > 0, total, 1.0), 0.0)
     self.top1_sum += float(share[routed].sum())
@@ -95,6 +98,8 @@ class GroupStats:
         "dropped_token_rate": 1.0 - self.routed_tokens / t,
         "top1_share": self.top1_sum / max(self.routed_tokens, 1),
         "coactivation": (self.coact_EE / t).tolist(),
+        # Mean combine weight of each expert's slots that ran (0 where none ran).
+        "mean_weight": (self.weight_sum_E / np.maximum(self.load_E, 1.0)).tolist(),
         "routing_distribution": (self.prob_sum_E / self.prob_tokens if has_probs
                                  else load).tolist(),
     }

@@ -60,6 +60,8 @@ def test_per_group_statistics_equal_the_hand_computed_ones():
   # Co-activation, share of the 3 tokens: t0 ran on {0, 1}, t1 on {0}, t2 on {1, 2}.
   np.testing.assert_allclose(pooled["coactivation"], np.array(
       [[2, 1, 0], [1, 2, 1], [0, 1, 1]]) / 3)
+  # Mean weight of the slots that ran: e0 (0.6, 0.7), e1 (0.4, 0.5), e2 (0.5).
+  np.testing.assert_allclose(pooled["mean_weight"], [0.65, 0.45, 0.5])
   a, b = out["groups"]["a"], out["groups"]["b"]
   assert (a["tokens"], b["tokens"]) == (2, 1)
   np.testing.assert_allclose(a["routing_distribution"], [0.75, 0.25, 0.0])

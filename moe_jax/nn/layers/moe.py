@@ -44,6 +44,24 @@ def drop_metrics(decision, kept_TK: jax.Array, num_experts: int,
   }
 
 
+def prune_slots(decision, beta: float, token_mask: jax.Array | None):
+  """(decision without the slots whose weight < beta x the token's top weight, the share
+  of real tokens' chosen slots pruned). MC-MoE's online dynamic pruning (Huang et al.,
+  arXiv:2410.06270): the skipped slots run no expert (masked out of every dispatcher)
+  and add nothing; the kept weights are not renormalised."""
+  valid_TK = decision.valid_TK()
+  w_TK = decision.weight_TK.astype(jnp.float32)
+  top_T1 = jnp.max(jnp.where(valid_TK, w_TK, 0.0), axis=-1, keepdims=True)
+  keep_TK = valid_TK & (w_TK >= beta * top_T1)
+  real_T1 = (jnp.ones_like(top_T1) if token_mask is None
+             else token_mask.reshape(-1, 1).astype(jnp.float32))
+  chosen = jnp.sum(valid_TK * real_T1)
+  pruned = jnp.sum((valid_TK & ~keep_TK) * real_T1) / jnp.maximum(chosen, 1.0)
+  # The fused router's precomputed slot positions and counts no longer hold: re-sorted.
+  return decision.replace(mask_TK=keep_TK, weight_TK=jnp.where(keep_TK, decision.weight_TK, 0),
+                          position_TK=None, counts_E=None), pruned
+
+
 def routing_record(decision, kept_TK: jax.Array, num_experts: int, lead: tuple[int, ...],
                    token_mask: jax.Array | None, context_T: Context | None
                    ) -> dict[str, jax.Array]:
@@ -117,6 +135,9 @@ class MoELayer(nn.Module):
                            x.shape[-2] if x.ndim >= 3 else None)(
         x_TD, context_T, deterministic=deterministic,
         token_mask_T=None if token_mask is None else token_mask.reshape(-1))
+    pruned = None
+    if cfg.prune_beta > 0 and deterministic:
+      decision, pruned = prune_slots(decision, cfg.prune_beta, token_mask)
     experts = EXPERTS.get(cfg.experts)(cfg.num_experts, cfg.expert_hidden_dim, cfg.activation,
                                        self.dtype, self.param_dtype, name="experts")(D)
     capacity = CapacityOptions(cfg.capacity_factor_for(deterministic), group_size,
@@ -144,6 +165,8 @@ class MoELayer(nn.Module):
     metrics.pop("dropped_fraction")  # the router's own view; the two below are explicit
     metrics.update(drop_metrics(decision, kept_TK & valid_TK, cfg.num_experts,
                                 None if token_mask is None else token_mask.reshape(-1)))
+    if pruned is not None:
+      metrics["pruned_slot_fraction"] = pruned
     # Not while initializing: init() then returns parameters only, and passing its whole
     # output back into apply(..., mutable=...) cannot count an aux loss twice. (Values
     # still append per call: a shared encoder run on two modalities sows two of each.)
