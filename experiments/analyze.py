@@ -32,7 +32,8 @@ import sys
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a workdir of experiments.train")
+_WORKDIR = flags.DEFINE_string("workdir", None, "a workdir of experiments.train or an "
+                               "experiments.convert import")
 _GROUP_BY = flags.DEFINE_enum("group_by", "task", ["task", "modality", "label"],
                               "what a group of tokens is")
 _DATA = flags.DEFINE_string("data", None, "source spec to run instead of each task's eval "
@@ -54,26 +55,18 @@ _STEER_LAYERS = flags.DEFINE_list("steer_layers", [], "MoE layers --steer_group 
 
 def run() -> dict:
   # pylint: disable=import-outside-toplevel  (flags and errors before jax starts)
-  from ml_collections import config_dict
-
+  from experiments.workdirs import load_run
   from moe_jax import models
   from moe_jax.analysis import report
   from moe_jax.analysis.collect import collect
   from moe_jax.data import make_source
-  from moe_jax.inference.load import checkpoint_variables
   from moe_jax.train import agd
   from moe_jax.analysis import steering
   from moe_jax.train.step import make_eval_step
   from moe_jax.train.trainer import evaluate, task_iterator
 
   workdir = _WORKDIR.value
-  if not workdir:
-    raise ValueError("--workdir is required (a workdir of experiments.train)")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise ValueError(f"{workdir} has no config.json: give a workdir written by experiments.train")
-  with open(path) as f:
-    config = config_dict.ConfigDict(json.load(f))
+  config, variables, step, what = load_run(workdir, _STEP.value)
   if _MAX_BATCHES.value < 0:
     raise ValueError(f"--max_batches={_MAX_BATCHES.value} must be >= 0")
   tasks = agd.tasks_from_config(config.tasks, lambda spec, kw: make_source(spec, **kw))
@@ -83,7 +76,6 @@ def run() -> dict:
     raise ValueError(f"--tasks: {unknown[0]!r} is not a task of this run; its tasks: "
                      f"{', '.join(known)}")
   tasks = [t for t in tasks if not _TASKS.value or t.name in _TASKS.value]
-  step, variables = checkpoint_variables(workdir, _STEP.value)
   model = models.build_model(config.model)
   loader = dict(config.get("data", None) or {})
 
@@ -97,7 +89,7 @@ def run() -> dict:
     finally:
       it.close()
 
-  print(f"analysing checkpoint {step} of {workdir}: tasks {', '.join(t.name for t in tasks)}, "
+  print(f"analysing {what}: tasks {', '.join(t.name for t in tasks)}, "
         f"by {_GROUP_BY.value}, up to {_MAX_BATCHES.value or 'all'} batches each",
         file=sys.stderr, flush=True)
   stats = collect(model, variables, tasks, {t.name: batches(t) for t in tasks},

@@ -25,7 +25,8 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a workdir of experiments.train")
+_WORKDIR = flags.DEFINE_string("workdir", None, "a workdir of experiments.train or an "
+                               "experiments.convert import")
 _AVG_BITS = flags.DEFINE_float("avg_bits", 4.0, "average bits per expert weight")
 _WIDTHS = flags.DEFINE_list("widths", ["2", "3", "4", "8"], "bit widths to choose from")
 _GROUP_SIZE = flags.DEFINE_integer("group_size", 32, "rows of the contracted axis per scale")
@@ -38,22 +39,19 @@ _OUT = flags.DEFINE_string("out", None, "output workdir (default: WORKDIR/compre
 def run() -> dict:
   # pylint: disable=import-outside-toplevel  (flags and errors before jax starts)
   import orbax.checkpoint as ocp
-  from ml_collections import config_dict
 
+  from experiments.workdirs import load_run
   from moe_jax import models
   from moe_jax.analysis.collect import collect
   from moe_jax.compress import WIDTHS, allocate_bits, quantize_params, relative_errors
   from moe_jax.compress.quantize import expert_banks, expert_slices, get_bank
   from moe_jax.data import make_source
-  from moe_jax.inference.load import checkpoint_variables
   from moe_jax.interop.output_dir import all_or_nothing
   from moe_jax.train import agd
   from moe_jax.train.step import make_eval_step
   from moe_jax.train.trainer import evaluate, task_iterator
 
   workdir = _WORKDIR.value
-  if not workdir:
-    raise ValueError("--workdir is required (a workdir of experiments.train)")
   try:
     widths = sorted({int(b) for b in _WIDTHS.value})
   except ValueError:
@@ -69,14 +67,9 @@ def run() -> dict:
     raise ValueError(f"--prune_beta={_PRUNE_BETA.value} must be in [0, 1] (0: no pruning)")
   if _GROUP_SIZE.value < 1 or _MAX_BATCHES.value < 0:
     raise ValueError("--group_size must be >= 1 and --max_batches >= 0")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise ValueError(f"{workdir} has no config.json: give a workdir written by experiments.train")
-  with open(path) as f:
-    config = config_dict.ConfigDict(json.load(f))
+  config, variables, step, what = load_run(workdir, _STEP.value)
   if not config.model.get("moe"):
     raise ValueError(f"{workdir} holds a dense model (no model.moe): nothing to compress")
-  step, variables = checkpoint_variables(workdir, _STEP.value)
   tasks = agd.tasks_from_config(config.tasks, lambda spec, kw: make_source(spec, **kw))
   model = models.build_model(config.model)
   loader = dict(config.get("data", None) or {})
@@ -93,7 +86,7 @@ def run() -> dict:
 
   iters = iterators()
   try:
-    say(f"1/3 importance: routing of checkpoint {step} of {workdir} over the eval data")
+    say(f"1/3 importance: routing of {what} over the eval data")
     stats = collect(model, variables, tasks, {n: batches(it) for n, it in iters.items()})
     summary = stats.summary()
     say(f"2/3 quantization errors at widths {widths} (group size {_GROUP_SIZE.value})")
@@ -144,6 +137,7 @@ def run() -> dict:
   }
   out = os.path.abspath(_OUT.value or os.path.join(workdir, "compressed"))
   out_config = config.to_dict()
+  out_config["train"]["init_params"] = None  # the parameters are in its checkpoint
   out_config["model"]["moe"]["prune_beta"] = _PRUNE_BETA.value
   if os.path.exists(out):
     raise ValueError(f"--out={out} exists: give a new directory (nothing is overwritten)")

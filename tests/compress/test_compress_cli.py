@@ -65,3 +65,20 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and last.startswith("error: ") and re.search(message, last), last
   assert not (dense / "compressed").exists()
+
+
+def test_compress_reads_a_hugging_face_import_and_generate_reads_its_output(tmp_path):
+  from experiments import convert
+  from moe_jax.inference import Generator, SamplingConfig
+  from moe_jax.inference.load import load_for_generation
+  dst = str(tmp_path / "qwen3")
+  convert.import_hf(os.path.join(REPO, "tests", "interop", "fixtures", "qwen3_moe"), dst)
+  r = compress(f"--workdir={dst}", "--avg_bits=4", "--max_batches=1", "--widths=4,8")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"routing of the import in {dst}" in r.stderr
+  record = json.load(open(os.path.join(dst, "compressed", "compress.json")))
+  assert {x["bits"] for x in record["experts"]} == {4} and len(record["experts"]) == 8
+  model, variables, tokenizer, what = load_for_generation(os.path.join(dst, "compressed"))
+  assert what.startswith("checkpoint 0 of ")
+  out = Generator(model, variables)([[1, 15, 27]], SamplingConfig(max_new_tokens=3))[0]
+  assert len(out) == 3
