@@ -55,75 +55,33 @@ _STEER_LAYERS = flags.DEFINE_list("steer_layers", [], "MoE layers --steer_group 
 
 def run() -> dict:
   # pylint: disable=import-outside-toplevel  (flags and errors before jax starts)
-  from experiments.workdirs import load_run
-  from moe_jax import models
+  from experiments.workdirs import Run
   from moe_jax.analysis import report
-  from moe_jax.analysis.collect import collect
-  from moe_jax.data import make_source
-  from moe_jax.train import agd
-  from moe_jax.analysis import steering
-  from moe_jax.train.step import make_eval_step
-  from moe_jax.train.trainer import evaluate, task_iterator
 
   workdir = _WORKDIR.value
-  config, variables, step, what = load_run(workdir, _STEP.value)
-  if _MAX_BATCHES.value < 0:
-    raise ValueError(f"--max_batches={_MAX_BATCHES.value} must be >= 0")
-  tasks = agd.tasks_from_config(config.tasks, lambda spec, kw: make_source(spec, **kw))
-  known = [t.name for t in tasks]
-  unknown = [t for t in _TASKS.value if t not in known]
-  if unknown:
-    raise ValueError(f"--tasks: {unknown[0]!r} is not a task of this run; its tasks: "
-                     f"{', '.join(known)}")
-  tasks = [t for t in tasks if not _TASKS.value or t.name in _TASKS.value]
-  model = models.build_model(config.model)
-  loader = dict(config.get("data", None) or {})
-
-  def batches(task):
-    it = task_iterator(task, _DATA.value or task.eval_source, 0, False, loader)
-    try:
-      for i, batch in enumerate(it):
-        if _MAX_BATCHES.value and i >= _MAX_BATCHES.value:
-          break
-        yield batch
-    finally:
-      it.close()
-
-  print(f"analysing {what}: tasks {', '.join(t.name for t in tasks)}, "
+  run_ = Run.load(workdir, _STEP.value, tasks=_TASKS.value, data=_DATA.value,
+                  max_batches=_MAX_BATCHES.value)
+  print(f"analysing {run_.what}: tasks {', '.join(t.name for t in run_.tasks)}, "
         f"by {_GROUP_BY.value}, up to {_MAX_BATCHES.value or 'all'} batches each",
         file=sys.stderr, flush=True)
-  stats = collect(model, variables, tasks, {t.name: batches(t) for t in tasks},
-                          _GROUP_BY.value,
-                          on_batch=lambda task, i: print(f"  {task.name}: batch {i + 1}",
-                                                         file=sys.stderr, flush=True))
-  summary = stats.summary()
+  progress = lambda task, i: print(f"  {task.name}: batch {i + 1}", file=sys.stderr, flush=True)
+  summary = run_.routing(_GROUP_BY.value, on_batch=progress)
   out = _OUT.value or os.path.join(workdir, "analysis")
-  meta = {"workdir": os.path.abspath(workdir), "step": step, "group_by": _GROUP_BY.value,
-          "data": _DATA.value, "tasks": [t.name for t in tasks],
+  meta = {"workdir": os.path.abspath(workdir), "step": run_.step, "group_by": _GROUP_BY.value,
+          "data": _DATA.value, "tasks": [t.name for t in run_.tasks],
           "max_batches": _MAX_BATCHES.value}
   written = report.write_tables(summary, out, meta)
   if _PLOTS.value:
     written += report.write_plots(summary, out)
   print(report.format_summary(summary))
-  biases = steering_from_flags(variables["params"], summary)
+  biases = steering_from_flags(run_.variables["params"], summary)
   if biases:
-    steered = {**variables, **steering.steering_variables(variables["params"], biases)}
     print(f"steering: {json.dumps(biases)}", file=sys.stderr, flush=True)
-    stats_after = collect(model, steered, tasks, {t.name: batches(t) for t in tasks},
-                          _GROUP_BY.value)
-    summary_after = stats_after.summary()
+    summary_after = run_.routing(_GROUP_BY.value, steering=biases)
     written += report.write_tables(summary_after, os.path.join(out, "steered"),
                                    {**meta, "steering": biases})
     print("steered routing:\n" + report.format_summary(summary_after))
-    eval_step = make_eval_step(model)
-    iters = {t.name: task_iterator(t, _DATA.value or t.eval_source, 0, False, loader)
-             for t in tasks}
-    try:
-      before = evaluate(eval_step, variables, tasks, iters, _MAX_BATCHES.value)
-      after = evaluate(eval_step, steered, tasks, iters, _MAX_BATCHES.value)
-    finally:
-      for it in iters.values():
-        it.close()
+    before, after = run_.evaluate(), run_.evaluate(steering=biases)
     path = os.path.join(out, "steering.json")
     with open(path, "w") as f:
       json.dump({"steering": biases, "before": before, "after": after}, f, indent=1)

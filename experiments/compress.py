@@ -40,16 +40,11 @@ def run() -> dict:
   # pylint: disable=import-outside-toplevel  (flags and errors before jax starts)
   import orbax.checkpoint as ocp
 
-  from experiments.workdirs import load_run
+  from experiments.workdirs import Run
   from moe_jax import models
-  from moe_jax.analysis.collect import collect
   from moe_jax.compress import WIDTHS, allocate_bits, quantize_params, relative_errors
   from moe_jax.compress.quantize import expert_banks, expert_slices, get_bank
-  from moe_jax.data import make_source
   from moe_jax.interop.output_dir import all_or_nothing
-  from moe_jax.train import agd
-  from moe_jax.train.step import make_eval_step
-  from moe_jax.train.trainer import evaluate, task_iterator
 
   workdir = _WORKDIR.value
   try:
@@ -65,65 +60,45 @@ def run() -> dict:
                      f"{widths[0]} <= avg_bits <= {widths[-1]}")
   if not 0.0 <= _PRUNE_BETA.value <= 1.0:
     raise ValueError(f"--prune_beta={_PRUNE_BETA.value} must be in [0, 1] (0: no pruning)")
-  if _GROUP_SIZE.value < 1 or _MAX_BATCHES.value < 0:
-    raise ValueError("--group_size must be >= 1 and --max_batches >= 0")
-  config, variables, step, what = load_run(workdir, _STEP.value)
+  if _GROUP_SIZE.value < 1:
+    raise ValueError(f"--group_size={_GROUP_SIZE.value} must be >= 1")
+  out = os.path.abspath(_OUT.value or os.path.join(workdir or ".", "compressed"))
+  if os.path.exists(out):
+    raise ValueError(f"--out={out} exists: give a new directory (nothing is overwritten)")
+  run_ = Run.load(workdir, _STEP.value, max_batches=_MAX_BATCHES.value)
+  config, variables, step = run_.config, run_.variables, run_.step
   if not config.model.get("moe"):
     raise ValueError(f"{workdir} holds a dense model (no model.moe): nothing to compress")
-  tasks = agd.tasks_from_config(config.tasks, lambda spec, kw: make_source(spec, **kw))
-  model = models.build_model(config.model)
-  loader = dict(config.get("data", None) or {})
   say = lambda msg: print(msg, file=sys.stderr, flush=True)
-
-  def iterators():
-    return {t.name: task_iterator(t, t.eval_source, 0, False, loader) for t in tasks}
-
-  def batches(it):
-    for i, batch in enumerate(it.epoch_batches()):
-      if _MAX_BATCHES.value and i >= _MAX_BATCHES.value:
-        break
-      yield batch
-
-  iters = iterators()
-  try:
-    say(f"1/3 importance: routing of {what} over the eval data")
-    stats = collect(model, variables, tasks, {n: batches(it) for n, it in iters.items()})
-    summary = stats.summary()
-    say(f"2/3 quantization errors at widths {widths} (group size {_GROUP_SIZE.value})")
-    errors = relative_errors(variables["params"], widths, _GROUP_SIZE.value)
-    keys = sorted(errors)
-    importance = []
-    for name, e in keys:
-      layer = summary.get(name, {}).get("groups", {}).get("all")
-      importance.append(0.0 if layer is None else
-                        layer["expert_load"][e] * layer["mean_weight"][e])
-    numel = {}  # weights per expert, per layer (pyramid models differ by layer)
-    for bank in expert_banks(variables["params"]):
-      one = expert_slices(get_bank(variables["params"], bank["path"]), bank, 0)
-      numel[bank["name"]] = sum(int(np.size(w)) for w in one.values())
-    sizes = [float(numel[name]) for name, _ in keys]
-    chosen = allocate_bits(importance, [[errors[k][b] for b in widths] for k in keys], sizes,
-                           widths, _AVG_BITS.value)
-    bits = dict(zip(keys, chosen))
-    params, bytes_ = quantize_params(variables["params"], bits, _GROUP_SIZE.value)
-    quantized = {**variables, "params": params}
-    achieved = float(np.dot(sizes, chosen) / np.sum(sizes))
-    say(f"   widths chosen: average {achieved:.3f} bits; "
-        + ", ".join(f"{b}-bit: {chosen.count(b)}" for b in widths) + " experts")
-    say("3/3 evaluation: float, quantized" + (", quantized + pruned" if _PRUNE_BETA.value else ""))
-    eval_step = make_eval_step(model)
-    results = {"float": evaluate(eval_step, variables, tasks, iters, _MAX_BATCHES.value),
-               "quantized": evaluate(eval_step, quantized, tasks, iters, _MAX_BATCHES.value)}
-    pruned_model = None
-    if _PRUNE_BETA.value:
-      pruned_cfg = config.model.to_dict()
-      pruned_cfg["moe"]["prune_beta"] = _PRUNE_BETA.value
-      pruned_model = models.build_model(pruned_cfg)
-      results["quantized+pruned"] = evaluate(make_eval_step(pruned_model), quantized, tasks,
-                                             iters, _MAX_BATCHES.value)
-  finally:
-    for it in iters.values():
-      it.close()
+  say(f"1/3 importance: routing of {run_.what} over the eval data")
+  summary = run_.routing()
+  say(f"2/3 quantization errors at widths {widths} (group size {_GROUP_SIZE.value})")
+  errors = relative_errors(variables["params"], widths, _GROUP_SIZE.value)
+  keys = sorted(errors)
+  importance = []
+  for name, e in keys:
+    layer = summary.get(name, {}).get("groups", {}).get("all")
+    importance.append(0.0 if layer is None else layer["expert_load"][e] * layer["mean_weight"][e])
+  numel = {}  # weights per expert, per layer (pyramid models differ by layer)
+  for bank in expert_banks(variables["params"]):
+    one = expert_slices(get_bank(variables["params"], bank["path"]), bank, 0)
+    numel[bank["name"]] = sum(int(np.size(w)) for w in one.values())
+  sizes = [float(numel[name]) for name, _ in keys]
+  chosen = allocate_bits(importance, [[errors[k][b] for b in widths] for k in keys], sizes,
+                         widths, _AVG_BITS.value)
+  bits = dict(zip(keys, chosen))
+  params, bytes_ = quantize_params(variables["params"], bits, _GROUP_SIZE.value)
+  quantized = {**variables, "params": params}
+  achieved = float(np.dot(sizes, chosen) / np.sum(sizes))
+  say(f"   widths chosen: average {achieved:.3f} bits; "
+      + ", ".join(f"{b}-bit: {chosen.count(b)}" for b in widths) + " experts")
+  say("3/3 evaluation: float, quantized" + (", quantized + pruned" if _PRUNE_BETA.value else ""))
+  results = {"float": run_.evaluate(), "quantized": run_.evaluate(variables=quantized)}
+  if _PRUNE_BETA.value:
+    pruned_cfg = config.model.to_dict()
+    pruned_cfg["moe"]["prune_beta"] = _PRUNE_BETA.value
+    results["quantized+pruned"] = run_.evaluate(variables=quantized,
+                                                model=models.build_model(pruned_cfg))
 
   record = {
       "source": os.path.abspath(workdir), "step": step, "avg_bits_budget": _AVG_BITS.value,
@@ -135,12 +110,9 @@ def run() -> dict:
                   for (n, e), b, imp in zip(keys, chosen, importance)],
       "metrics": results,
   }
-  out = os.path.abspath(_OUT.value or os.path.join(workdir, "compressed"))
   out_config = config.to_dict()
   out_config["train"]["init_params"] = None  # the parameters are in its checkpoint
   out_config["model"]["moe"]["prune_beta"] = _PRUNE_BETA.value
-  if os.path.exists(out):
-    raise ValueError(f"--out={out} exists: give a new directory (nothing is overwritten)")
   with all_or_nothing(out, prefix=".compress-") as tmp:
     with ocp.StandardCheckpointer() as ckpt:
       ckpt.save(os.path.join(tmp, "checkpoints", str(step), "state"), quantized)

@@ -35,3 +35,77 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Any, dict[str, Any]
     config = config_dict.ConfigDict(json.load(f))
   step, variables = checkpoint_variables(workdir, step)
   return config, variables, step, f"checkpoint {step} of {workdir}"
+
+
+class Run:
+  """A trained (or imported) model with its experiment's tasks, for looking inside it:
+  `Run.load(workdir).routing(group_by="modality")`, `.evaluate(steering={1: {3: 2.0}})`.
+
+  `data` (a source spec) replaces each task's eval split; `max_batches` (0: all) bounds
+  every pass; `steering` ({MoE layer: {expert: bias}}, moe_jax.analysis.steering) biases
+  the routers of that pass."""
+
+  def __init__(self, config, variables, step: int, what: str, tasks=(), data: str | None = None,
+               max_batches: int = 8):
+    # pylint: disable=import-outside-toplevel
+    from moe_jax import models
+    from moe_jax.data import make_source
+    from moe_jax.train import agd
+    if max_batches < 0:
+      raise ValueError(f"--max_batches={max_batches} must be >= 0")
+    self.config, self.variables, self.step, self.what = config, variables, step, what
+    self.data, self.max_batches = data, max_batches
+    all_tasks = agd.tasks_from_config(config.tasks, lambda spec, kw: make_source(spec, **kw))
+    known = [t.name for t in all_tasks]
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+      raise ValueError(f"--tasks: {unknown[0]!r} is not a task of this run; its tasks: "
+                       f"{', '.join(known)}")
+    self.tasks = [t for t in all_tasks if not tasks or t.name in tasks]
+    self.model = models.build_model(config.model)
+    self.loader = dict(config.get("data", None) or {})
+
+  @classmethod
+  def load(cls, workdir: str, step: int | None = None, **kwargs) -> "Run":
+    return cls(*load_run(workdir, step), **kwargs)
+
+  def iterators(self) -> dict[str, Any]:
+    from moe_jax.train.trainer import task_iterator  # pylint: disable=import-outside-toplevel
+    return {t.name: task_iterator(t, self.data or t.eval_source, 0, False, self.loader)
+            for t in self.tasks}
+
+  def with_steering(self, steering=None) -> dict[str, Any]:
+    from moe_jax.analysis.steering import steering_variables  # pylint: disable=import-outside-toplevel
+    return {**self.variables, **steering_variables(self.variables["params"], steering or {})}
+
+  def routing(self, group_by: str = "task", steering=None, on_batch=lambda task, i: None):
+    """The routing-analysis summary (moe_jax.analysis.RoutingStats.summary)."""
+    from moe_jax.analysis.collect import collect  # pylint: disable=import-outside-toplevel
+    iters = self.iterators()
+
+    def batches(it):
+      for i, batch in enumerate(it.epoch_batches()):
+        if self.max_batches and i >= self.max_batches:
+          break
+        yield batch
+    try:
+      return collect(self.model, self.with_steering(steering), self.tasks,
+                     {n: batches(it) for n, it in iters.items()}, group_by,
+                     on_batch=on_batch).summary()
+    finally:
+      for it in iters.values():
+        it.close()
+
+  def evaluate(self, steering=None, variables=None, model=None) -> dict[str, dict]:
+    """Each task's eval metrics (+ zero-shot), as training reports them."""
+    # pylint: disable=import-outside-toplevel
+    from moe_jax.train.step import make_eval_step
+    from moe_jax.train.trainer import evaluate
+    variables = variables if variables is not None else self.with_steering(steering)
+    iters = self.iterators()
+    try:
+      return evaluate(make_eval_step(model or self.model), variables, self.tasks, iters,
+                      self.max_batches)
+    finally:
+      for it in iters.values():
+        it.close()

@@ -60,7 +60,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
       ([f"--workdir={dense}", "--avg_bits=9"], r"--avg_bits=9.0 is outside the widths' range: "
                                                r"2 <= avg_bits <= 8$"),
       ([f"--workdir={dense}", "--prune_beta=2"], r"--prune_beta=2.0 must be in \[0, 1\]"),
-      ([f"--workdir={tmp_path}"], r"has no config.json")):
+      ([f"--workdir={tmp_path}"], r"has no config.json"),
+      ([f"--workdir={dense}", f"--out={dense}"], r"exists: give a new directory \(nothing is "
+                                                 r"overwritten\)$")):
     r = compress(*args)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and last.startswith("error: ") and re.search(message, last), last
