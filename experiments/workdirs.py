@@ -64,6 +64,8 @@ class Run:
     self.tasks = [t for t in all_tasks if not tasks or t.name in tasks]
     self.model = models.build_model(config.model)
     self.loader = dict(config.get("data", None) or {})
+    self._routing_fns: dict[str, Any] = {}  # jitted per task, reused across passes
+    self._eval_steps: dict[int, Any] = {}
 
   @classmethod
   def load(cls, workdir: str, step: int | None = None, **kwargs) -> "Run":
@@ -76,7 +78,9 @@ class Run:
 
   def with_steering(self, steering=None) -> dict[str, Any]:
     from moe_jax.analysis.steering import steering_variables  # pylint: disable=import-outside-toplevel
-    return {**self.variables, **steering_variables(self.variables["params"], steering or {})}
+    # Zeros at every router when unsteered: both passes share one compiled program.
+    return {**self.variables, **steering_variables(self.variables["params"], steering or {},
+                                                   every_layer=True)}
 
   def routing(self, group_by: str = "task", steering=None, on_batch=lambda task, i: None):
     """The routing-analysis summary (moe_jax.analysis.RoutingStats.summary)."""
@@ -91,7 +95,7 @@ class Run:
     try:
       return collect(self.model, self.with_steering(steering), self.tasks,
                      {n: batches(it) for n, it in iters.items()}, group_by,
-                     on_batch=on_batch).summary()
+                     on_batch=on_batch, compiled=self._routing_fns).summary()
     finally:
       for it in iters.values():
         it.close()
@@ -102,10 +106,12 @@ class Run:
     from moe_jax.train.step import make_eval_step
     from moe_jax.train.trainer import evaluate
     variables = variables if variables is not None else self.with_steering(steering)
+    model = model or self.model
+    step = self._eval_steps.get(id(model)) or self._eval_steps.setdefault(
+        id(model), (model, make_eval_step(model)))  # the model kept: its id stays its own
     iters = self.iterators()
     try:
-      return evaluate(make_eval_step(model or self.model), variables, self.tasks, iters,
-                      self.max_batches)
+      return evaluate(step[1], variables, self.tasks, iters, self.max_batches)
     finally:
       for it in iters.values():
         it.close()

@@ -74,14 +74,18 @@ def token_groups(group_by: str, task, call: int, record, batch
 
 def collect(model, variables, tasks, batches: Mapping[str, Iterable[Mapping[str, Any]]],
             group_by: str = "task", stats: RoutingStats | None = None,
-            on_batch=lambda task, i: None) -> RoutingStats:
-  """RoutingStats of `model` over each task's `batches[task.name]` (numpy batches)."""
+            on_batch=lambda task, i: None, compiled: dict | None = None) -> RoutingStats:
+  """RoutingStats of `model` over each task's `batches[task.name]` (numpy batches).
+  `compiled` (a dict the caller keeps for this model) reuses each task's jitted apply
+  across calls, e.g. before and after steering."""
   if group_by not in GROUP_BY:
     raise ValueError(f"group_by={group_by!r} is not one of {', '.join(GROUP_BY)}")
   stats = stats or RoutingStats()
   for task in tasks:
-    run = jax.jit(lambda v, b, task=task: model.apply(
-        v, b, task=task, deterministic=True, mutable=[ROUTING_COLLECTION])[1])
+    compiled = {} if compiled is None else compiled
+    run = compiled.get(task.name) or compiled.setdefault(task.name, jax.jit(
+        lambda v, b, task=task: model.apply(v, b, task=task, deterministic=True,
+                                            mutable=[ROUTING_COLLECTION])[1]))
     for i, batch in enumerate(batches[task.name]):
       routing = run(variables, batch).get(ROUTING_COLLECTION, {})
       records = layer_records(routing)

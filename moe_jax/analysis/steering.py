@@ -74,13 +74,25 @@ def parse_steer(specs: Sequence[str]) -> dict[int, dict[int, float]]:
   return out
 
 
-def steering_variables(params: Mapping[str, Any], steering: Steering) -> dict[str, Any]:
+def steering_variables(params: Mapping[str, Any], steering: Steering,
+                       every_layer: bool = False) -> dict[str, Any]:
   """{"steering": tree} with `steering`'s biases at each named layer's router (zeros for
-  the other repeats of a scanned stack). Layer or expert ids out of range: one line."""
+  the other repeats of a scanned stack; with `every_layer`, zeros at every other router
+  too, so steered and unsteered calls share one variable structure and one compile).
+  Layer or expert ids out of range: one line."""
   layers = moe_layers(params)
   if not layers and steering:
     raise ValueError("this model has no routed MoE layer to steer")
   tree: dict[str, Any] = {}
+  if every_layer:
+    for layer in layers:
+      node = tree
+      for key in layer["router"]:
+        node = node.setdefault(key, {})
+      repeats = sum(l["router"] == layer["router"] for l in layers)
+      node.setdefault("logit_bias_E", np.zeros(
+          (layer["num_experts"],) if layer["repeat"] is None else (repeats, layer["num_experts"]),
+          np.float32))
   for index, biases in steering.items():
     if not 0 <= int(index) < len(layers):
       raise ValueError(f"steering layer {index} is out of range: the model has {len(layers)} "

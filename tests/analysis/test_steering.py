@@ -71,3 +71,11 @@ def test_most_used_experts_breaks_load_ties_by_router_probability():
   assert most_used_experts(layer, "ec", 1) == [3]
   with pytest.raises(ValueError, match=r"^group 'fr' is not in the analysis; groups: en, ec$"):
     most_used_experts(layer, "fr", 1)
+
+
+def test_zeros_at_every_router_change_nothing():
+  stack, variables, x = _stack(True)
+  y0 = stack.apply(variables, x)
+  zeros = steering_variables(variables["params"], {}, every_layer=True)
+  assert zeros["steering"]["scan_0"]["block_1"]["moe"]["router"]["logit_bias_E"].shape == (2, 4)
+  np.testing.assert_array_equal(stack.apply({**variables, **zeros}, x), y0)
