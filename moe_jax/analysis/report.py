@@ -36,10 +36,11 @@ def write_tables(summary: dict[str, Any], out_dir: str, meta: dict[str, Any]) ->
                    + [" ".join(f"{x:.4f}" for x in s["expert_load"])])
   with open(paths[2], "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(("layer", "group_a", "group_b", "js_divergence_bits"))
+    w.writerow(("layer", "group_a", "group_b", "js_divergence_bits", "load_js_divergence_bits"))
     for layer, entry in summary.items():
       for pair, js in entry["alignment"].items():
-        w.writerow([layer, *pair.split("|", 1), f"{js:.6f}"])
+        w.writerow([layer, *pair.split("|", 1), f"{js:.6f}",
+                    f"{entry['load_alignment'][pair]:.6f}"])
   return paths
 
 
@@ -106,9 +107,11 @@ def format_summary(summary: dict[str, Any]) -> str:
                    f"{fmt(s['router_entropy']):>8} {s['dropped_slot_rate']:>6.3f} "
                    f"{s['top1_share']:>6.3f} {s['max_over_mean_load']:>8.2f}")
     if entry["alignment"]:
-      js = list(entry["alignment"].values())
+      js, load = list(entry["alignment"].values()), list(entry["load_alignment"].values())
       lines.append(f"{'':<34} JS divergence between groups: mean {np.mean(js):.3f}, "
-                   f"max {np.max(js):.3f} bits over {len(js)} pair(s)")
+                   f"max {np.max(js):.3f} bits over {len(js)} pair(s) (routing "
+                   f"probabilities); expert loads: mean {np.mean(load):.3f}, max "
+                   f"{np.max(load):.3f}")
   return "\n".join(lines)
 
 

@@ -13,7 +13,8 @@ load where the router has no logits). Alignment between two groups is the Jensen
 divergence of their routing distributions, in bits (0: identical, 1: disjoint), as in
 Bandarkar et al., "Multilingual Routing in Mixture-of-Experts", arXiv:2510.04694 (which
 averages post-softmax routing weights per language and layer; its entropy
-normalisation is not applied here).
+normalisation is not applied here); the same divergence between the groups' expert loads
+is reported beside it.
 """
 from __future__ import annotations
 
@@ -140,14 +141,22 @@ class RoutingStats:
                 None if probs is None else probs[sel])
 
   def summary(self) -> dict[str, Any]:
-    """{layer: {"groups": {group: stats}, "alignment": {"a|b": JS bits}}}."""
+    """{layer: {"groups": {group: stats}, "alignment": {"a|b": JS bits between routing
+    distributions}, "load_alignment": {"a|b": JS bits between expert loads}}}."""
     out = {}
     for layer, groups in self.layers.items():
       order = [g for g in groups if g != ALL] + [g for g in groups if g == ALL]
       summaries = {g: groups[g].summary() for g in order}
       names = [g for g in summaries if g != ALL]  # alignment between the groups only
+      pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
       alignment = {f"{a}|{b}": js_divergence(summaries[a]["routing_distribution"],
                                               summaries[b]["routing_distribution"])
-                   for i, a in enumerate(names) for b in names[i + 1:]}
-      out[layer] = {"groups": summaries, "alignment": alignment}
+                   for a, b in pairs}
+      # The same between the expert loads (what ran): a flat router can route two groups
+      # to different experts while their mean probabilities stay close.
+      load_alignment = {f"{a}|{b}": js_divergence(summaries[a]["expert_load"],
+                                                   summaries[b]["expert_load"])
+                        for a, b in pairs}
+      out[layer] = {"groups": summaries, "alignment": alignment,
+                    "load_alignment": load_alignment}
     return out

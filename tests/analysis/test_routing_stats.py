@@ -73,6 +73,10 @@ def test_per_group_statistics_equal_the_hand_computed_ones():
   kl_b = 0.25 * math.log2(0.5) + 0.25 * math.log2(1.0) + 0.5 * math.log2(2.0)
   assert list(out["alignment"]) == ["a|b"]  # the pooled group is not a pair member
   assert out["alignment"]["a|b"] == pytest.approx(0.5 * kl_a + 0.5 * kl_b)
+  # Between the loads: a ran (2/3, 1/3, 0), b (0, 1/2, 1/2); m = (1/3, 5/12, 1/4).
+  kl_a = (2 / 3) * math.log2(2) + (1 / 3) * math.log2((1 / 3) / (5 / 12))
+  kl_b = 0.5 * math.log2(0.5 / (5 / 12)) + 0.5 * math.log2(0.5 / 0.25)
+  assert out["load_alignment"]["a|b"] == pytest.approx(0.5 * kl_a + 0.5 * kl_b)
 
 
 def test_a_token_whose_slots_all_dropped_counts_as_a_dropped_token():
