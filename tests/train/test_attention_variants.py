@@ -20,7 +20,8 @@ from tests.train.test_train import imp_config
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
 
-VARIANTS = {"moh": dict(attention="moh"),  # --config.model.attention=moh: 2 shared + top-1 of 2
+VARIANTS = {"moh": dict(attention=dict(name="moh")),  # --config.model.attention.name=moh:
+            # 2 shared + top-1 of 2
             "untied": dict(untied_layers=(0,))}  # --config.model.untied_layers=(0,)
 
 
