@@ -21,7 +21,8 @@ from moe_jax.nn.routing.base import STEERING_COLLECTION
 Steering = Mapping[int, Mapping[int, float]]  # {MoE layer index: {expert: logit bias}}
 
 
-def _natural(key: str):
+def natural_key(key: str):
+  """Sort key putting block_2 before block_10."""
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
@@ -32,7 +33,7 @@ def moe_layers(params: Mapping[str, Any]) -> list[dict[str, Any]]:
   out = []
 
   def walk(node, path):
-    for key in sorted(node, key=_natural):
+    for key in sorted(node, key=natural_key):
       value = node[key]
       if not isinstance(value, Mapping):
         continue
@@ -48,7 +49,7 @@ def moe_layers(params: Mapping[str, Any]) -> list[dict[str, Any]]:
   walk(params, [])
   # Under scan a unit's repeats interleave with its blocks: order by (unit, repeat, block).
   def order(layer):
-    keys = [_natural(k) for k in layer["router"]]
+    keys = [natural_key(k) for k in layer["router"]]
     scan = next((i for i, k in enumerate(layer["router"]) if k.startswith("scan_")), None)
     if scan is None or layer["repeat"] is None:
       return keys

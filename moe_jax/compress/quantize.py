@@ -10,11 +10,12 @@ integer values and scales would take.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from moe_jax.analysis.steering import natural_key
 
 # Expert weights, each expert's slice [contracted, out]: w_up/w_gate [D, F], w_down [F, D].
 EXPERT_WEIGHTS = ("w_up_EDF", "w_gate_EDF", "w_down_EFD")
@@ -67,10 +68,6 @@ def packed_bytes(shape: tuple[int, int], bits: int, group_size: int) -> float:
   return rows * cols * bits / 8 + (rows // group_rows(rows, group_size)) * cols * SCALE_BYTES
 
 
-def _natural(key: str):
-  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
-
-
 def expert_banks(params: Mapping[str, Any]) -> list[dict[str, Any]]:
   """Every routed expert bank: {"name" (the MoE layer's path, "@r" per scan repeat, as the
   routing analysis names it), "path" (keys to the "experts" dict), "repeat", "weights"
@@ -78,7 +75,7 @@ def expert_banks(params: Mapping[str, Any]) -> list[dict[str, Any]]:
   out = []
 
   def walk(node, path):
-    for key in sorted(node, key=_natural):
+    for key in sorted(node, key=natural_key):
       value = node[key]
       if not isinstance(value, Mapping):
         continue
