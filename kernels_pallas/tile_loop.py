@@ -24,15 +24,36 @@ import jax.numpy as jnp
 from kernels_pallas.tiling import TileLayout
 
 
-# Operands are cast to f32 once, before the loop: a convert fused into the dot inside
-# the loop sends XLA:CPU to its slow generic dot emitter (gate|up at cpu_olmoe: 126 ms
-# with in-loop casts, 59-66 ms without; measured on a loaded machine).
-def _tile(a, i, m):
-  return jax.lax.dynamic_slice_in_dim(a, i * m, m, 0)
+# Every dot runs in f32 on one tile: XLA:CPU's bf16 dots are 1.6-5x slower than its f32
+# dots at these sizes. 16-bit operands stay 16-bit in memory and move through the loops as
+# uint16 bits: XLA:CPU computes a bf16 dynamic-slice or dynamic-update-slice in f32 by
+# converting the WHOLE buffer (and hoists that convert out of the loop), which doubles the
+# bytes and the fresh pages each call touches. Moving bits keeps each convert to one tile:
+# cpu_olmoe FFN forward 28 -> 16 ms, fwd+bwd 92 -> 64 ms (2026-12-01, kernels_pallas/NOTES.md).
+def _bits(a: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype.itemsize == 2 else a
 
 
-def _expert(w, e):
-  return jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
+def _unbits(b: jax.Array, dtype) -> jax.Array:
+  return jax.lax.bitcast_convert_type(b, dtype) if b.dtype == jnp.uint16 else b
+
+
+def _rows(b, start, n: int, dtype) -> jax.Array:
+  """f32 copy of rows [start, start + n) of a (bits) buffer."""
+  return _unbits(jax.lax.dynamic_slice_in_dim(b, start, n, 0), dtype).astype(jnp.float32)
+
+
+def _expert(b, e, dtype) -> jax.Array:
+  """f32 copy of expert e's weight matrix from a (bits) [E, ...] buffer."""
+  return _unbits(jax.lax.dynamic_index_in_dim(b, e, 0, keepdims=False), dtype).astype(jnp.float32)
+
+
+def _put_rows(b, t, start, dtype) -> jax.Array:
+  return jax.lax.dynamic_update_slice_in_dim(b, _bits(t.astype(dtype)), start, 0)
+
+
+def _put_expert(b, t, e, dtype) -> jax.Array:
+  return jax.lax.dynamic_update_index_in_dim(b, _bits(t.astype(dtype)), e, 0)
 
 
 def _zeros(shape, *likes) -> jax.Array:
@@ -61,31 +82,39 @@ def _num_used_tiles(layout: TileLayout) -> jax.Array:
   return jnp.sum(layout.tile_expert_I >= 0)  # used tiles come first (experts in order)
 
 
-def _forward(lhs_RA, rhs_EAO, layout, transpose_rhs: bool):
+def _bits_zeros(shape, dtype, *likes) -> jax.Array:
+  return _bits(_zeros(shape, *likes).astype(dtype))
+
+
+def _forward(lhs_RA, rhs_EAO, layout, transpose_rhs: bool, out_dtype):
   m = layout.block_m
   n = rhs_EAO.shape[1] if transpose_rhs else rhs_EAO.shape[2]
   dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
-
-  lhs, rhs = lhs_RA.astype(jnp.float32), rhs_EAO.astype(jnp.float32)
+  lhs, rhs = _bits(lhs_RA), _bits(rhs_EAO)
 
   def body(i, out):
-    y = jax.lax.dot_general(_tile(lhs, i, m), _expert(rhs, layout.tile_expert_I[i]), dims)
-    return jax.lax.dynamic_update_slice_in_dim(out, y, i * m, 0)
+    w = _expert(rhs, layout.tile_expert_I[i], rhs_EAO.dtype)
+    y = jax.lax.dot_general(_rows(lhs, i * m, m, lhs_RA.dtype), w, dims)
+    return _put_rows(out, y, i * m, out_dtype)
 
-  out = _zeros((lhs_RA.shape[0], n), lhs, rhs, layout.tile_expert_I)  # unused tiles stay 0
-  return jax.lax.fori_loop(0, _num_used_tiles(layout), body, out).astype(lhs_RA.dtype)
+  out = _bits_zeros((lhs_RA.shape[0], n), out_dtype, lhs_RA, rhs_EAO, layout.tile_expert_I)
+  out = jax.lax.fori_loop(0, _num_used_tiles(layout), body, out)  # unused tiles stay 0
+  return _unbits(out, out_dtype)
 
 
 def _weight_grad(lhs_RA, grad_RO, layout, num_experts: int):
   m = layout.block_m
-  lhs, grad = lhs_RA.astype(jnp.float32), grad_RO.astype(jnp.float32)
+  lhs, grad = _bits(lhs_RA), _bits(grad_RO)
+  tn = (((0,), (0,)), ((), ()))
 
   def body(i, d_w):
     e = layout.tile_expert_I[i]
-    g = jax.lax.dot_general(_tile(lhs, i, m), _tile(grad, i, m), (((0,), (0,)), ((), ())))
-    return jax.lax.dynamic_update_index_in_dim(d_w, _expert(d_w, e) + g, e, 0)
+    g = jax.lax.dot_general(_rows(lhs, i * m, m, lhs_RA.dtype),
+                            _rows(grad, i * m, m, grad_RO.dtype), tn)
+    return jax.lax.dynamic_update_index_in_dim(
+        d_w, jax.lax.dynamic_index_in_dim(d_w, e, 0, keepdims=False) + g, e, 0)
 
-  d_w = _zeros((num_experts, lhs_RA.shape[1], grad_RO.shape[1]), lhs, grad,
+  d_w = _zeros((num_experts, lhs_RA.shape[1], grad_RO.shape[1]), lhs_RA, grad_RO,
                layout.tile_expert_I)
   return jax.lax.fori_loop(0, _num_used_tiles(layout), body, d_w)
 
@@ -93,7 +122,7 @@ def _weight_grad(lhs_RA, grad_RO, layout, num_experts: int):
 @jax.custom_vjp
 def tile_loop_matmul(lhs_RA: jax.Array, rhs_EAO: jax.Array, layout: TileLayout) -> jax.Array:
   """out[R, O] = lhs[R, A] @ rhs[expert of row's tile], f32 per tile; zeros on unused tiles."""
-  return _forward(lhs_RA, rhs_EAO, layout, transpose_rhs=False)
+  return _forward(lhs_RA, rhs_EAO, layout, transpose_rhs=False, out_dtype=lhs_RA.dtype)
 
 
 def _fwd(lhs_RA, rhs_EAO, layout):
@@ -102,7 +131,7 @@ def _fwd(lhs_RA, rhs_EAO, layout):
 
 def _bwd(res, d_out_RO):
   lhs_RA, rhs_EAO, layout = res
-  d_lhs = _forward(d_out_RO, rhs_EAO, layout, transpose_rhs=True)
+  d_lhs = _forward(d_out_RO, rhs_EAO, layout, transpose_rhs=True, out_dtype=lhs_RA.dtype)
   d_rhs = _weight_grad(lhs_RA, d_out_RO, layout, rhs_EAO.shape[0])
   return (_like_primal(d_lhs, lhs_RA), _like_primal(d_rhs, rhs_EAO), layout.zero_cotangent())
 
@@ -113,77 +142,79 @@ tile_loop_matmul.defvjp(_fwd, _bwd)
 # ----------------------------------------------------------------------------- fused FFN
 # The whole SwiGLU expert FFN per tile in ONE loop (gate, up, SwiGLU, down): at CPU sizes
 # the per-loop fixed costs (buffer init, casts, the [R, 2F] and [R, F] intermediates)
-# rival the dots, so one loop forward and one backward beat six matmul loops.
+# rival the dots, so one loop forward and one backward beat six matmul loops. Experts are
+# the outer loop so each expert's weights are read (and converted) once.
 
 
 def _ffn_forward(x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout):
-  m, E = layout.block_m, w_up_EDF.shape[0]
-  x = x_RD.astype(jnp.float32)
-  wg, wu, wd = (w.astype(jnp.float32) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
-  R, F = x_RD.shape[0], w_up_EDF.shape[2]
+  """(y, gate, up) in x's dtype: the output and the two pre-activations the backward needs."""
+  m, dt = layout.block_m, x_RD.dtype
+  ws = (w_gate_EDF, w_up_EDF, w_down_EFD)
+  x, w_bits = _bits(x_RD), tuple(_bits(w) for w in ws)
 
   def expert(e, carry):
-    wg_e, wu_e, wd_e = _expert(wg, e), _expert(wu, e), _expert(wd, e)
+    wg_e, wu_e, wd_e = (_expert(b, e, w.dtype) for b, w in zip(w_bits, ws))
 
     def tile(i, carry):
       y, g, u = carry
-      x_t = _tile(x, i, m)
+      x_t = _rows(x, i * m, m, dt)
       g_t, u_t = x_t @ wg_e, x_t @ wu_e
       y_t = (jax.nn.silu(g_t) * u_t) @ wd_e
-      put = lambda buf, t: jax.lax.dynamic_update_slice_in_dim(buf, t, i * m, 0)
-      return put(y, y_t), put(g, g_t), put(u, u_t)
+      return tuple(_put_rows(b, t, i * m, dt) for b, t in ((y, y_t), (g, g_t), (u, u_t)))
 
     return jax.lax.fori_loop(layout.tile_start_E[e], layout.tile_end_E[e], tile, carry)
 
-  zeros = lambda n: _zeros((R, n), x, wg, wu, wd, layout.tile_expert_I)  # unused rows: 0
-  return jax.lax.fori_loop(0, E, expert, (zeros(x_RD.shape[1]), zeros(F), zeros(F)))
+  R, F = x_RD.shape[0], w_up_EDF.shape[2]
+  zeros = lambda n: _bits_zeros((R, n), dt, x_RD, *ws, layout.tile_expert_I)  # unused rows: 0
+  out = jax.lax.fori_loop(0, w_up_EDF.shape[0], expert, (zeros(x_RD.shape[1]), zeros(F), zeros(F)))
+  return tuple(_unbits(b, dt) for b in out)
 
 
 @jax.custom_vjp
 def tile_loop_swiglu_ffn(x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout: TileLayout):
   """y[R, D] = (silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e] per used tile, f32 inside."""
-  return _ffn_forward(x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout)[0].astype(x_RD.dtype)
+  return _ffn_forward(x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout)[0]
 
 
 def _ffn_fwd(x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout):
   y, g, u = _ffn_forward(x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout)
-  return y.astype(x_RD.dtype), (x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout, g, u)
+  return y, (x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout, g, u)
 
 
 def _ffn_bwd(res, d_y_RD):
-  x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout, g, u = res
+  x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout, g_RF, u_RF = res
   from kernels_pallas.swiglu import swiglu_grads  # pylint: disable=import-outside-toplevel
-  m = layout.block_m
-  x, dy = x_RD.astype(jnp.float32), d_y_RD.astype(jnp.float32)
-  weights = [w.astype(jnp.float32) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
-  wg_t, wu_t, wd_t = (jnp.swapaxes(w, 1, 2) for w in weights)  # once, outside the loop
-  tn = (((0,), (0,)), ((), ()))  # a^T @ b
-  likes = (x, dy, g, u, *weights, layout.tile_expert_I)
+  m, dt = layout.block_m, x_RD.dtype
+  ws = (w_gate_EDF, w_up_EDF, w_down_EFD)
+  x, dy, g, u = (_bits(a) for a in (x_RD, d_y_RD.astype(dt), g_RF, u_RF))
+  w_bits = tuple(_bits(w) for w in ws)
+  tn, nt = (((0,), (0,)), ((), ())), (((1,), (1,)), ((), ()))  # a^T @ b, a @ b^T
+  likes = (x_RD, d_y_RD, g_RF, u_RF, *ws, layout.tile_expert_I)
 
   def expert(e, carry):
     dx, d_wg, d_wu, d_wd = carry
-    wg_e, wu_e, wd_e = _expert(wg_t, e), _expert(wu_t, e), _expert(wd_t, e)
+    wg_e, wu_e, wd_e = (_expert(b, e, w.dtype) for b, w in zip(w_bits, ws))
 
     def tile(i, carry):
       dx, acc_g, acc_u, acc_d = carry
-      x_t, dy_t, g_t, u_t = (_tile(a, i, m) for a in (x, dy, g, u))
+      x_t, dy_t, g_t, u_t = (_rows(b, i * m, m, dt) for b in (x, dy, g, u))
       acc_d = acc_d + jax.lax.dot_general(jax.nn.silu(g_t) * u_t, dy_t, tn)
-      dg_t, du_t = swiglu_grads(dy_t @ wd_e, g_t, u_t)
-      dx = jax.lax.dynamic_update_slice_in_dim(dx, dg_t @ wg_e + du_t @ wu_e, i * m, 0)
-      return (dx, acc_g + jax.lax.dot_general(x_t, dg_t, tn),
+      dg_t, du_t = swiglu_grads(jax.lax.dot_general(dy_t, wd_e, nt), g_t, u_t)
+      dx_t = jax.lax.dot_general(dg_t, wg_e, nt) + jax.lax.dot_general(du_t, wu_e, nt)
+      return (_put_rows(dx, dx_t, i * m, dt), acc_g + jax.lax.dot_general(x_t, dg_t, tn),
               acc_u + jax.lax.dot_general(x_t, du_t, tn), acc_d)
 
-    acc = tuple(_zeros(w.shape[1:], *likes) for w in weights)
-    dx, acc_g, acc_u, acc_d = jax.lax.fori_loop(layout.tile_start_E[e], layout.tile_end_E[e],
-                                                tile, (dx,) + acc)
-    put = lambda buf, a: jax.lax.dynamic_update_index_in_dim(buf, a, e, 0)
-    return dx, put(d_wg, acc_g), put(d_wu, acc_u), put(d_wd, acc_d)
+    acc = tuple(_zeros(w.shape[1:], *likes) for w in ws)  # f32, one expert's gradients
+    dx, *acc = jax.lax.fori_loop(layout.tile_start_E[e], layout.tile_end_E[e], tile, (dx, *acc))
+    return (dx,) + tuple(_put_expert(b, a, e, w.dtype)
+                         for b, a, w in zip((d_wg, d_wu, d_wd), acc, ws))
 
-  init = (_zeros(x.shape, *likes),) + tuple(_zeros(w.shape, *likes)
-                                                    for w in weights)
-  dx, d_wg, d_wu, d_wd = jax.lax.fori_loop(0, w_up_EDF.shape[0], expert, init)
-  return (_like_primal(dx, x_RD), _like_primal(d_wg, w_gate_EDF), _like_primal(d_wu, w_up_EDF),
-          _like_primal(d_wd, w_down_EFD), layout.zero_cotangent())
+  init = (_bits_zeros(x_RD.shape, dt, *likes),) + tuple(
+      _bits_zeros(w.shape, w.dtype, *likes) for w in ws)
+  dx, *d_ws = jax.lax.fori_loop(0, w_up_EDF.shape[0], expert, init)
+  return (_like_primal(_unbits(dx, dt), x_RD),
+          *(_like_primal(_unbits(b, w.dtype), w) for b, w in zip(d_ws, ws)),
+          layout.zero_cotangent())
 
 
 tile_loop_swiglu_ffn.defvjp(_ffn_fwd, _ffn_bwd)

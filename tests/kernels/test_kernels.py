@@ -267,7 +267,8 @@ def test_every_kernel_lowers_for_triton_and_mosaic(capsys):
 @settings(max_examples=4, deadline=None)
 @given(layouts())
 def test_tile_loop_matmul_and_ffn_match_reference_with_gradients(case):
-  """The CPU while-loop path: matmul and the fused SwiGLU FFN, outputs and all gradients."""
+  """The CPU while-loop path: matmul and the fused SwiGLU FFN, outputs and all gradients,
+  f32 and bf16."""
   from kernels_pallas.tile_loop import tile_loop_matmul, tile_loop_swiglu_ffn
   E, X, bm, expert, valid, seed = case
   L = _layout(expert, valid, E, bm)
@@ -291,6 +292,20 @@ def test_tile_loop_matmul_and_ffn_match_reference_with_gradients(case):
   refs = jax.grad(loss(ref_ffn), (0, 1, 2, 3))(x, wg, wu, wd)
   for a, b in zip(ours, refs):
     np.testing.assert_allclose(a, b, **tol)
+  # bf16 operands move through the loops as uint16 bits: same values, bf16 rounding only.
+  bf = lambda *a: [v.astype(jnp.bfloat16) for v in a]
+  close = lambda a, b: np.testing.assert_allclose(
+      np.asarray(a, np.float32), b, rtol=0, atol=0.02 * float(jnp.max(jnp.abs(b))) + 1e-6)
+  args16 = bf(x, wg, wu, wd)
+  ref32 = [v.astype(jnp.float32) for v in args16]  # the reference sees the same rounded inputs
+  close(tile_loop_matmul(args16[0], args16[1], L), ref_mm(*ref32[:2]))
+  close(tile_loop_swiglu_ffn(*args16, L), ref_ffn(*ref32))
+  ours = jax.grad(loss(lambda *a: tile_loop_swiglu_ffn(*a, L).astype(jnp.float32)),
+                  (0, 1, 2, 3))(*args16)
+  refs = jax.grad(loss(ref_ffn), (0, 1, 2, 3))(*ref32)
+  for a, b in zip(ours, refs):
+    assert a.dtype == jnp.bfloat16
+    close(a, b)
 
 
 @settings(max_examples=4, deadline=None)
