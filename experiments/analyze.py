@@ -30,7 +30,10 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags
+
+from experiments import cli
+from experiments.cli import one_line_errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a workdir of experiments.train or an "
                                "experiments.convert import")
@@ -115,15 +118,8 @@ def steering_from_flags(params, summary) -> dict[int, dict[int, float]]:
   return biases
 
 
-def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  try:
-    run()
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+main = one_line_errors(run)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

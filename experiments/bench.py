@@ -1,6 +1,6 @@
 r"""Benchmark of the MoE FFN layer against a dense FFN of the same active FLOPs.
 
-Shapes and targets are in PERFORMANCE.md. Every (shape, variant, mode) runs in
+Shapes, targets, peers and measured tables: docs/performance.md. Every (shape, variant, mode) runs in
 this one process on random bf16 data: jit, compile (timed separately), one
 warm-up call, then the median of --iters calls (at least 3; fewer than --iters once
 the timed calls of a row add up to --max_row_s). Variants:
@@ -11,8 +11,9 @@ the timed calls of a row add up to --max_row_s). Variants:
                matmul over a tile-padded layout; interpret mode on CPU, so slow there)
   pallas_fused as pallas, with the fused router kernel (its in-group positions build
                the tile layout without a sort)
-  tiled        top-k router + moe_jax tiled dispatch (dropless, same layout, per-tile
-               gathered weights + one XLA batched matmul)
+  tiled        top-k router + moe_jax tiled dispatch (dropless, same layout in plain XLA:
+               on CPU one while loop over the used tiles, elsewhere per-tile gathered
+               weights + one batched matmul)
   tokamax      as sorted, with tokamax.ragged_dot for the grouped matmuls (only
                when `import tokamax` works)
   megablox     as sorted, with the megablox Pallas gmm of jax.experimental (TPU only)
@@ -20,7 +21,8 @@ the timed calls of a row add up to --max_row_s). Variants:
                einsum local experts
   ep_dropless  expert parallel, dropless mode (ragged_all_to_all on GPU/TPU, padded
                all_to_all emulation on CPU), `auto` dispatcher local experts
-Modes: fwd (the forward) and fwd_bwd (value_and_grad of sum(y**2) w.r.t. x, the
+On CPU a bare run leaves out pallas and pallas_fused (interpret mode: correct, ~100 s,
+no speed to read); name them in --variants to run them. Modes: fwd (the forward) and fwd_bwd (value_and_grad of sum(y**2) w.r.t. x, the
 router weight and every expert weight). ratio_to_dense = dense_equiv ms / variant ms.
 
 Commands (from the repository root):
@@ -49,6 +51,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from experiments import cli
 from moe_jax.nn.dispatch import CapacityOptions, get_dispatcher
 from moe_jax.parallel.expert_parallel import expert_parallel_ffn
 from moe_jax.parallel.ragged_exchange import ragged_supported
@@ -72,7 +75,10 @@ _SUITE = flags.DEFINE_string("suite", "layer", "Benchmark suite: layer, scaling 
 _SHAPES = flags.DEFINE_enum("shapes", "cpu", ["cpu", "gpu"], "Shape set.")
 _JSON = flags.DEFINE_string("json", None, "Write {meta, rows} to this path.")
 _MODES = flags.DEFINE_list("modes", list(MODES), f"Subset of {MODES}.")
-_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Subset of {VARIANTS}.")
+# Pallas runs its kernels in interpret mode on CPU: a correctness path, minutes to time.
+INTERPRET_ON_CPU = ("pallas", "pallas_fused")
+_VARIANTS = flags.DEFINE_list("variants", None, f"Subset of {VARIANTS} (default: all; on CPU "
+                              f"all but the interpret-mode {','.join(INTERPRET_ON_CPU)}).")
 _ITERS = flags.DEFINE_integer("iters", None, "Timed calls per row (default 15 gpu, 5 cpu).")
 _MAX_ROW_S = flags.DEFINE_float(
     "max_row_s", 10.0, "Stop a row's timed calls once they took this long (at least 3 calls).")
@@ -445,6 +451,11 @@ def print_table(rows: list[dict]) -> None:
     print(format_row(r))
 
 
+def default_variants(backend: str) -> list[str]:
+  """Every variant, less the interpret-mode Pallas ones on CPU."""
+  return [v for v in VARIANTS if backend != "cpu" or v not in INTERPRET_ON_CPU]
+
+
 def parse_list(flag_name: str, values: list[str], allowed: tuple[str, ...]) -> list[str]:
   unknown = [v for v in values if v not in allowed]
   if unknown or not values:
@@ -459,9 +470,13 @@ def main(argv):
   if _SUITE.value not in SUITES:
     sys.exit(f"error: unknown --suite={_SUITE.value}; allowed: {','.join(SUITES)}")
   opts = Options(shapes=_SHAPES.value, modes=parse_list("modes", _MODES.value, MODES),
-                 variants=parse_list("variants", _VARIANTS.value, VARIANTS),
+                 variants=(default_variants(jax.default_backend()) if _VARIANTS.value is None
+                           else parse_list("variants", _VARIANTS.value, VARIANTS)),
                  iters=_ITERS.value or (15 if _SHAPES.value == "gpu" else 5),
                  max_row_s=_MAX_ROW_S.value)
+  if _VARIANTS.value is None and jax.default_backend() == "cpu":
+    print(f"left out on CPU: {','.join(INTERPRET_ON_CPU)} (interpret mode, ~100 s); "
+          "name them in --variants to run them")
   meta = meta_info(opts, _SUITE.value)
   print(f"jax {meta['jax']} (jaxlib {meta['jaxlib']}), backend {meta['backend']}, "
         f"{meta['device_count']} x {meta['device_kind']}, iters {opts.iters}")
@@ -483,4 +498,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from experiments import cli
 from experiments.configs import imp_tiny, tfds_imp
 from moe_jax import models
 from moe_jax.data import make_source
@@ -124,4 +125,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

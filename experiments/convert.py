@@ -22,6 +22,7 @@ import sys
 
 from absl import app, flags, logging
 
+from experiments import cli
 from moe_jax.inference.load import checkpoint_variables
 from moe_jax.interop.output_dir import all_or_nothing as _all_or_nothing
 from moe_jax.interop.output_dir import fresh_dst as _fresh_dst
@@ -116,4 +117,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

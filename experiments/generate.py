@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 
+from experiments import cli
+from experiments.cli import one_line_errors
 from moe_jax.inference import Generator, SamplingConfig
 from moe_jax.inference.load import load_for_generation
 
@@ -86,15 +88,8 @@ def run() -> list[list[int]]:
   return outs
 
 
-def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  try:
-    run()
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+main = one_line_errors(run)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -19,6 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import cli
 from moe_jax.config_errors import config_spec, explain_override_error
 from moe_jax.train import TrainingError, train_and_evaluate
 from moe_jax.train.barriers import BarrierTimeout
@@ -82,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, flags_parser=parse_flags)

@@ -23,6 +23,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import cli
 from moe_jax.config_errors import config_spec, explain_override_error
 from moe_jax.interop.upcycle import upcycle
 
@@ -74,4 +75,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, flags_parser=_parse_flags)

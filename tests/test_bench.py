@@ -1,0 +1,34 @@
+"""experiments.bench as a program: its help, its default rows, one tiny run (no timing asserted)."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_exits_zero_and_names_the_performance_page():
+  run = subprocess.run([sys.executable, "-m", "experiments.bench", "--help"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120, check=False)
+  assert run.returncode == 0, run.stderr
+  assert "docs/performance.md" in run.stdout and "--variants" in run.stdout
+  assert (REPO / "docs" / "performance.md").is_file()
+
+
+def test_bare_run_leaves_interpret_mode_pallas_out_on_cpu_only():
+  from experiments import bench
+  assert not {"pallas", "pallas_fused"} & set(bench.default_variants("cpu"))
+  assert {"pallas", "pallas_fused", "tiled", "dense_equiv"} <= set(bench.default_variants("gpu"))
+
+
+def test_layer_suite_rows_at_a_tiny_shape():
+  from experiments import bench
+  opts = bench.Options(shapes="cpu", modes=["fwd_bwd"], variants=["dense_equiv", "tiled"],
+                       iters=3, max_row_s=5.0)
+  rows = bench.run_layer_suite(opts, [bench.Shape("tiny", 64, 32, 16, 4, 2)])
+  assert [(r["variant"], r["mode"]) for r in rows] == [("dense_equiv", "fwd_bwd"),
+                                                       ("tiled", "fwd_bwd")]
+  for r in rows:
+    assert r["error"] is None and r["finite"] and r["iters"] >= 3
+    assert r["ratio_to_dense"] > 0 and math.isfinite(r["active_tflops"])
+  assert rows[0]["ratio_to_dense"] == 1.0
