@@ -5,6 +5,7 @@ Axis letters: T tokens, D model dim, E experts.
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 
@@ -14,15 +15,34 @@ from moe_jax.nn.experts import ExpertWeights
 from moe_jax.nn.routing import RoutingDecision
 
 
+def native_cpu_kernels(x_TD: jax.Array) -> bool:
+  """Whether the kernels_cpu grouped matmuls serve this call: built and registered, and
+  not inside jax.shard_map (an FFI call there does not carry the varying-axes type the
+  tile loop keeps). Says once, on the log, why not when they cannot be built."""
+  from kernels_cpu import build  # pylint: disable=import-outside-toplevel
+  why = build.unavailable()
+  if why is not None:
+    _say_once(f"tiled dispatch on CPU: native kernels unavailable ({why}); using the XLA tile loop")
+    return False
+  return not getattr(getattr(jax.typeof(x_TD), "manual_axis_type", None), "varying", None)
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+  logging.warning(message)
+
+
 @DISPATCHERS.register("tiled", vma_clean=True, dropless=True)
 def tiled_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWeights,
                    capacity: CapacityOptions | None = None,
                    block_m: int | None = None) -> tuple[jax.Array, Metrics]:
   """Dropless in plain XLA over the same tile-padded layout (no Pallas, no ragged_dot).
 
-  On CPU the expert FFN is one while loop over the used tiles (f32 dots, weights read in
-  place: kernels_pallas/tile_loop.py); elsewhere each tile's weights are gathered and
-  one batched matmul runs (tile_gather.py). Permute and combine are gathers both ways.
+  On CPU the grouped matmuls are native kernels spread over XLA's threads
+  (kernels_cpu, built on first use) or, without a C++ compiler or inside shard_map, one
+  XLA while loop over the used tiles (kernels_pallas/tile_loop.py); elsewhere each tile's
+  weights are gathered and one batched matmul runs (tile_gather.py). Permute and combine
+  are gathers both ways.
   """
   del capacity  # dropless
   # pylint: disable=import-outside-toplevel
@@ -31,7 +51,10 @@ def tiled_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWe
   block_m = block_m or tile_block_m(decision.expert_index_TK.size, experts.num_experts, not cpu)
   gathers = dict(permute=functools.partial(permute.permute_tokens, xla=True),
                  combine=functools.partial(permute.unpermute_combine, xla=True))
-  if cpu:
+  if cpu and native_cpu_kernels(x_TD):
+    from kernels_cpu import tile_matmul  # pylint: disable=import-outside-toplevel
+    ops = TileOps(tile_matmul.tile_matmul, swiglu_ffn=tile_matmul.tile_swiglu_ffn, **gathers)
+  elif cpu:
     ops = TileOps(tile_loop.tile_loop_matmul, swiglu_ffn=tile_loop.tile_loop_swiglu_ffn, **gathers)
   else:
     ops = TileOps(tile_gather.tile_gather_matmul, **gathers)

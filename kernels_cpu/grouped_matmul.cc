@@ -1,0 +1,293 @@
+// Grouped matmuls over the tile-padded expert layout, for XLA:CPU through the XLA FFI.
+//
+// Why: XLA:CPU runs a dot inside a while loop on one thread (only big flat dots are
+// split across threads), so the tile loop of kernels_pallas/tile_loop.py uses one core
+// while a dense FFN uses all of them. These kernels spread the tiles of one grouped
+// matmul over XLA's own intra-op thread pool (the FFI ThreadPool; the calling thread
+// works too, so nothing waits on a busy pool).
+//
+// Layout (kernels_pallas/tiling.py): rows sorted by expert, each expert's rows padded to a
+// multiple of `bm`; expert e owns tiles [tile_start[e], tile_end[e]), i.e. rows
+// [tile_start[e]*bm, tile_end[e]*bm). Operands are float32 or bfloat16; products accumulate in float32.
+//
+//   moe_gmm:  out[R, N] = lhs[R, K] @ rhs[e, K, N] over each expert's rows
+//             (rhs_transposed: rhs[e, N, K]); rows past the last expert are zero.
+//   moe_tgmm: out[E, K, N] = sum over the rows r of expert e of lhs[r, K]^T grad[r, N];
+//             experts without rows get zeros.
+//
+// The inner kernel keeps a 4 x 64 block of the output in 16 vector registers of 16 floats
+// (GCC/Clang vector extensions: AVX-512 on x86, split into narrower registers elsewhere)
+// and streams a packed float32 panel of the right operand.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x16_unaligned __attribute__((vector_size(64), aligned(4)));
+constexpr int kLanes = 16;
+constexpr int kRows = 4;     // output rows per register block
+constexpr int kVecs = 4;     // vectors per output row in a full block
+constexpr int kCols = kLanes * kVecs;
+
+inline float Load(const float* p) { return *p; }
+inline float Load(const uint16_t* p) {  // bfloat16 -> float32: the high half of the bits
+  uint32_t bits = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline void Store(float* p, float v) { *p = v; }
+inline void Store(uint16_t* p, float v) {  // float32 -> bfloat16, round to nearest even
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays NaN
+    *p = static_cast<uint16_t>((bits >> 16) | 0x40);
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  *p = static_cast<uint16_t>(bits >> 16);
+}
+
+// Runs fn(job) for job in [0, num_jobs) on the pool and the calling thread. Workers claim
+// jobs from one counter; the caller returns once every job has finished. A task that
+// starts after all jobs are claimed only touches the shared state, kept alive by its
+// shared_ptr.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool* pool, int64_t num_jobs, const Fn& fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, num_jobs, &fn] {
+    for (int64_t j; (j = state->next.fetch_add(1)) < num_jobs;) {
+      fn(j);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = pool ? std::min<int64_t>(pool->num_threads(), num_jobs - 1) : 0;
+  for (int64_t t = 0; t < helpers; ++t) {
+    // `fn` lives on this frame: a helper only calls it for a claimed job, and this frame
+    // waits below until every claimed job is done.
+    pool->Schedule([work] { work(); });
+  }
+  work();
+  while (state->done.load(std::memory_order_acquire) < num_jobs) std::this_thread::yield();
+}
+
+// c[i, :] (i < MR, NV vectors) = sum_k a(i, k) * panel[k, :], written through Store.
+// a(i, k) = a[i * a_i + k * a_k]; panel rows are kCols floats apart.
+template <int MR, int NV, typename A, typename O>
+inline void Block(const A* a, int64_t a_i, int64_t a_k, const float* panel, int64_t depth,
+                  O* c, int64_t ldc, int64_t cols) {
+  f32x16 acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = f32x16{};
+  for (int64_t k = 0; k < depth; ++k) {
+    const f32x16_unaligned* b = reinterpret_cast<const f32x16_unaligned*>(panel + k * kCols);
+    f32x16 bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = b[v];
+    for (int i = 0; i < MR; ++i) {
+      const float s = Load(a + i * a_i + k * a_k);
+      for (int v = 0; v < NV; ++v) acc[i][v] += s * bv[v];
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    const float* row = reinterpret_cast<const float*>(acc[i]);
+    for (int64_t n = 0; n < cols; ++n) Store(c + i * ldc + n, row[n]);
+  }
+}
+
+// Output rows [0, rows) x columns [0, cols <= kCols) from a packed panel.
+template <typename A, typename O>
+void Panel(const A* a, int64_t a_i, int64_t a_k, int64_t rows, const float* panel,
+           int64_t depth, O* c, int64_t ldc, int64_t cols) {
+  const int nv = static_cast<int>((cols + kLanes - 1) / kLanes);
+  int64_t i = 0;
+  for (; i + kRows <= rows; i += kRows) {
+    const A* ai = a + i * a_i;
+    O* ci = c + i * ldc;
+    switch (nv) {
+      case 4: Block<kRows, 4>(ai, a_i, a_k, panel, depth, ci, ldc, cols); break;
+      case 3: Block<kRows, 3>(ai, a_i, a_k, panel, depth, ci, ldc, cols); break;
+      case 2: Block<kRows, 2>(ai, a_i, a_k, panel, depth, ci, ldc, cols); break;
+      default: Block<kRows, 1>(ai, a_i, a_k, panel, depth, ci, ldc, cols); break;
+    }
+  }
+  for (; i < rows; ++i) {
+    switch (nv) {
+      case 4: Block<1, 4>(a + i * a_i, a_i, a_k, panel, depth, c + i * ldc, ldc, cols); break;
+      case 3: Block<1, 3>(a + i * a_i, a_i, a_k, panel, depth, c + i * ldc, ldc, cols); break;
+      case 2: Block<1, 2>(a + i * a_i, a_i, a_k, panel, depth, c + i * ldc, ldc, cols); break;
+      default: Block<1, 1>(a + i * a_i, a_i, a_k, panel, depth, c + i * ldc, ldc, cols); break;
+    }
+  }
+}
+
+// panel[k, n] = src[k * s_k + n * s_n] for k < depth, n < cols (zero beyond cols).
+template <typename B>
+void Pack(const B* src, int64_t s_k, int64_t s_n, int64_t depth, int64_t cols, float* panel) {
+  for (int64_t k = 0; k < depth; ++k) {
+    float* row = panel + k * kCols;
+    for (int64_t n = 0; n < cols; ++n) row[n] = Load(src + k * s_k + n * s_n);
+    for (int64_t n = cols; n < kCols; ++n) row[n] = 0.f;
+  }
+}
+
+template <typename O>
+void ZeroRows(O* c, int64_t ldc, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) std::memset(c + i * ldc, 0, cols * sizeof(O));
+}
+
+// Float panel scratch per thread, 64-byte aligned, reused across calls.
+float* Scratch(int64_t floats) {
+  struct Buffer {
+    float* data = nullptr;
+    int64_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buf;
+  if (buf.size < floats) {
+    std::free(buf.data);
+    const int64_t bytes = (floats * 4 + 63) / 64 * 64;
+    buf.data = static_cast<float*>(std::aligned_alloc(64, bytes));
+    buf.size = buf.data ? floats : 0;
+  }
+  return buf.data;
+}
+
+// One job per (expert, 64-column block): the expert's weight panel is packed once and
+// serves all its rows; one more job zeroes the rows past the last expert.
+template <typename A, typename B, typename O>
+void Gmm(ffi::ThreadPool* pool, const A* lhs, const B* rhs, const int32_t* tile_start,
+         const int32_t* tile_end, O* out, int64_t E, int64_t R, int64_t K, int64_t N,
+         int64_t bm, bool rhs_transposed) {
+  const int64_t col_blocks = (N + kCols - 1) / kCols;
+  ParallelFor(pool, E * col_blocks + 1, [&](int64_t job) {
+    if (job == E * col_blocks) {
+      const int64_t used = E ? int64_t{tile_end[E - 1]} * bm : 0;
+      return ZeroRows(out + used * N, N, R - used, N);
+    }
+    const int64_t e = job / col_blocks, n0 = (job % col_blocks) * kCols;
+    const int64_t cols = std::min<int64_t>(kCols, N - n0);
+    const int64_t r0 = int64_t{tile_start[e]} * bm;
+    const int64_t rows = (int64_t{tile_end[e]} - tile_start[e]) * bm;
+    if (rows <= 0) return;
+    float* panel = Scratch(K * kCols);
+    const B* w = rhs + e * K * N;
+    if (rhs_transposed) {
+      Pack(w + n0 * K, 1, K, K, cols, panel);  // w[n, k]
+    } else {
+      Pack(w + n0, N, 1, K, cols, panel);  // w[k, n]
+    }
+    Panel(lhs + r0 * K, K, 1, rows, panel, K, out + r0 * N + n0, N, cols);
+  });
+}
+
+template <typename A, typename B, typename O>
+void Tgmm(ffi::ThreadPool* pool, const A* lhs, const B* grad, const int32_t* tile_start,
+          const int32_t* tile_end, O* out, int64_t E, int64_t K, int64_t N, int64_t bm) {
+  const int64_t col_blocks = (N + kCols - 1) / kCols;
+  ParallelFor(pool, E * col_blocks, [&](int64_t job) {
+    const int64_t e = job / col_blocks, n0 = (job % col_blocks) * kCols;
+    const int64_t cols = std::min<int64_t>(kCols, N - n0);
+    O* c = out + e * K * N + n0;
+    const int64_t r0 = int64_t{tile_start[e]} * bm;
+    const int64_t rows = (int64_t{tile_end[e]} - tile_start[e]) * bm;
+    if (rows <= 0) return ZeroRows(c, N, K, cols);
+    float* panel = Scratch(rows * kCols);
+    Pack(grad + r0 * N + n0, N, 1, rows, cols, panel);  // grad rows of expert e
+    // out[k, n] = sum_r lhs[r0 + r, k] * grad[r0 + r, n]: a(k, r) = lhs[(r0 + r) * K + k].
+    Panel(lhs + r0 * K, 1, K, K, panel, rows, c, N, cols);
+  });
+}
+
+bool IsF32(ffi::DataType t) { return t == ffi::DataType::F32; }
+bool IsBF16(ffi::DataType t) { return t == ffi::DataType::BF16; }
+
+// Calls fn(T*) with the buffer's data as float* or uint16_t* (bfloat16 bits).
+template <typename Fn>
+ffi::Error WithData(ffi::AnyBuffer b, Fn&& fn) {
+  if (IsF32(b.element_type())) return fn(reinterpret_cast<float*>(b.untyped_data()));
+  if (IsBF16(b.element_type())) return fn(reinterpret_cast<uint16_t*>(b.untyped_data()));
+  return ffi::Error::InvalidArgument("moe_jax CPU kernels take float32 or bfloat16");
+}
+
+template <typename Fn>
+ffi::Error WithOut(ffi::Result<ffi::AnyBuffer> b, Fn&& fn) {
+  if (IsF32(b->element_type())) return fn(reinterpret_cast<float*>(b->untyped_data()));
+  if (IsBF16(b->element_type())) return fn(reinterpret_cast<uint16_t*>(b->untyped_data()));
+  return ffi::Error::InvalidArgument("moe_jax CPU kernels write float32 or bfloat16");
+}
+
+ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
+                   ffi::Buffer<ffi::S32> tile_start, ffi::Buffer<ffi::S32> tile_end,
+                   ffi::Result<ffi::AnyBuffer> out, int64_t bm, bool rhs_transposed) {
+  const auto ld = lhs.dimensions(), rd = rhs.dimensions();
+  if (ld.size() != 2 || rd.size() != 3 || bm <= 0 || ld[0] % bm ||
+      (rhs_transposed ? rd[2] : rd[1]) != ld[1] || tile_start.element_count() != rd[0] ||
+      tile_end.element_count() != rd[0])
+    return ffi::Error::InvalidArgument("moe_gmm: shapes do not match the tile layout");
+  const int64_t R = ld[0], K = ld[1], N = rhs_transposed ? rd[1] : rd[2];
+  const int32_t *ts = tile_start.typed_data(), *tend = tile_end.typed_data();
+  return WithData(lhs, [&](auto* a) {
+    return WithData(rhs, [&](auto* b) {
+      return WithOut(out, [&](auto* c) {
+        Gmm(&pool, a, b, ts, tend, c, rd[0], R, K, N, bm, rhs_transposed);
+        return ffi::Error::Success();
+      });
+    });
+  });
+}
+
+ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer grad,
+                    ffi::Buffer<ffi::S32> tile_start, ffi::Buffer<ffi::S32> tile_end,
+                    ffi::Result<ffi::AnyBuffer> out, int64_t bm) {
+  const auto ld = lhs.dimensions(), gd = grad.dimensions(), od = out->dimensions();
+  if (ld.size() != 2 || gd.size() != 2 || od.size() != 3 || ld[0] != gd[0] || od[1] != ld[1] ||
+      od[2] != gd[1] || tile_start.element_count() != od[0] ||
+      tile_end.element_count() != od[0] || bm <= 0)
+    return ffi::Error::InvalidArgument("moe_tgmm: shapes do not match the tile layout");
+  const int32_t *ts = tile_start.typed_data(), *tend = tile_end.typed_data();
+  return WithData(lhs, [&](auto* a) {
+    return WithData(grad, [&](auto* g) {
+      return WithOut(out, [&](auto* c) {
+        Tgmm(&pool, a, g, ts, tend, c, od[0], od[1], od[2], bm);
+        return ffi::Error::Success();
+      });
+    });
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeGmm, GmmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("bm")
+                                  .Attr<bool>("rhs_transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeTgmm, TgmmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("bm"));

@@ -1,0 +1,106 @@
+"""kernels_cpu (native grouped matmuls through the XLA FFI) against the plain-JAX loops over
+experts, forward and backward, f32 and bf16; and the `tiled` dispatcher really uses them."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels_pallas.reference import gmm_reference, tgmm_reference
+from tests.kernels.test_kernels import _layout, layouts
+
+if os.environ.get("MOE_JAX_CPU_KERNELS") == "0":
+  pytest.skip("native CPU kernels turned off (MOE_JAX_CPU_KERNELS=0)", allow_module_level=True)
+
+from kernels_cpu import build  # noqa: E402
+from kernels_cpu.tile_matmul import gmm, tgmm, tile_matmul, tile_swiglu_ffn  # noqa: E402
+
+f32 = lambda a: np.asarray(a, np.float32)
+
+
+def test_kernels_build_and_register():
+  assert build.unavailable() is None  # a failed build is a failure here, not a skip
+
+
+@settings(max_examples=8, deadline=None)
+@given(layouts(), st.sampled_from([jnp.float32, jnp.bfloat16]))
+def test_gmm_and_tgmm_match_the_loop_over_experts(case, dtype):
+  E, X, bm, expert, valid, seed = case
+  L = _layout(expert, valid, E, bm)
+  K, N = 20, 72  # K not a multiple of the 4-row block, N = one 64-column block + 8
+  ks = jax.random.split(jax.random.key(seed), 3)
+  lhs = jax.random.normal(ks[0], (L.num_rows, K)).astype(dtype)
+  rhs = jax.random.normal(ks[1], (E, K, N)).astype(dtype)
+  grad = jax.random.normal(ks[2], (L.num_rows, N)).astype(dtype)
+  tol = dict(rtol=1e-2, atol=1e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+  out = gmm(lhs, rhs, L)
+  assert out.dtype == dtype
+  np.testing.assert_allclose(f32(out), f32(gmm_reference(lhs, rhs, L.tile_expert_I, bm)), **tol)
+  used = int(L.tile_end_E[-1]) * bm
+  assert not np.any(f32(out)[used:])  # rows past the last expert: exactly zero
+  np.testing.assert_allclose(
+      f32(gmm(grad, rhs, L, transpose_rhs=True)),  # d lhs = grad @ rhs[e]^T
+      f32(gmm_reference(grad, rhs, L.tile_expert_I, bm, transpose_rhs=True)), **tol)
+  d_rhs = tgmm(lhs, grad, L, E, out_dtype=jnp.float32)
+  np.testing.assert_allclose(d_rhs, tgmm_reference(lhs.astype(jnp.float32), grad.astype(
+      jnp.float32), L.tile_expert_I, E, bm), **tol)
+  empty = np.asarray(L.tile_end_E) == np.asarray(L.tile_start_E)
+  assert not np.any(f32(d_rhs)[empty])  # experts without rows: exactly zero
+
+
+def test_matmul_and_swiglu_ffn_gradients_match_autodiff_of_the_reference():
+  E, bm = 4, 8
+  expert = np.random.default_rng(0).integers(0, E - 1, 37)  # the last expert stays empty
+  L = _layout(expert, np.ones(37, bool), E, bm)
+  ks = jax.random.split(jax.random.key(1), 5)
+  x = jax.random.normal(ks[0], (L.num_rows, 16))
+  wg, wu = (jax.random.normal(k, (E, 16, 24)) / 4 for k in ks[1:3])
+  wd = jax.random.normal(ks[3], (E, 24, 16)) / 4
+  cot = jax.random.normal(ks[4], (L.num_rows, 16))
+  ref_mm = lambda a, w: gmm_reference(a, w, L.tile_expert_I, bm)
+  ref_ffn = lambda x, wg, wu, wd: ref_mm(jax.nn.silu(ref_mm(x, wg)) * ref_mm(x, wu), wd)
+  loss = lambda f: lambda *a: jnp.sum(f(*a) * cot)
+  tol = dict(rtol=1e-4, atol=1e-5)
+  ours = jax.grad(loss(lambda a, w: tile_matmul(a, w, L)[:, :16]), (0, 1))(x, wg)
+  refs = jax.grad(loss(lambda a, w: ref_mm(a, w)[:, :16]), (0, 1))(x, wg)
+  for a, b in zip(ours, refs):
+    np.testing.assert_allclose(a, b, **tol)
+  np.testing.assert_allclose(tile_swiglu_ffn(x, wg, wu, wd, L), ref_ffn(x, wg, wu, wd), **tol)
+  ours = jax.grad(loss(lambda *a: tile_swiglu_ffn(*a, L)), (0, 1, 2, 3))(x, wg, wu, wd)
+  refs = jax.grad(loss(ref_ffn), (0, 1, 2, 3))(x, wg, wu, wd)
+  for a, b in zip(ours, refs):
+    np.testing.assert_allclose(a, b, **tol)
+  assert not np.any(ours[1][E - 1])  # the empty expert's weight gradient is zero
+
+
+def test_tiled_dispatch_runs_the_native_kernels_and_falls_back_in_shard_map():
+  """The fast path is really taken on CPU (its custom call is in the compiled program);
+  inside jax.shard_map the XLA tile loop runs instead, with the same result."""
+  from jax.sharding import PartitionSpec as P
+
+  from moe_jax.nn.dispatch import get_dispatcher
+  from moe_jax.nn.experts import ExpertWeights
+  from moe_jax.nn.routing import TopKRouter
+  ks = jax.random.split(jax.random.key(2), 5)
+  x = jax.random.normal(ks[0], (32, 16))
+  experts = ExpertWeights(w_up_EDF=jax.random.normal(ks[1], (4, 16, 8)) / 4,
+                          w_gate_EDF=jax.random.normal(ks[2], (4, 16, 8)) / 4,
+                          w_down_EFD=jax.random.normal(ks[3], (4, 8, 16)) / 4,
+                          activation="swiglu")
+  router = TopKRouter(num_experts=4, k=2)
+  params = router.init(ks[4], x)
+
+  def layer(x):
+    return get_dispatcher("tiled")(x, router.apply(params, x), experts)[0]
+
+  hlo = jax.jit(layer).lower(x).compile().as_text()
+  assert build.TARGETS["MoeGmm"] in hlo
+  mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+  sharded = jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+  x_split = jax.device_put(x, jax.NamedSharding(mesh, P("data")))
+  assert build.TARGETS["MoeGmm"] not in sharded.lower(x_split).compile().as_text()
+  halves = jnp.concatenate([layer(x[:16]), layer(x[16:])])
+  np.testing.assert_allclose(sharded(x_split), halves, rtol=1e-5, atol=1e-6)
