@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import jax
@@ -52,7 +53,13 @@ def library_path() -> Path:
   out = cache / "kernels_cpu" / f"grouped_matmul-{key}.so"
   if out.exists():
     return out
-  out.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+  except OSError:  # a read-only home: build into the temporary directory instead
+    out = Path(tempfile.gettempdir()) / "moe_jax_kernels_cpu" / out.name
+    if out.exists():
+      return out
+    out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
   base = [cxx, "-O3", "-shared", "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}",
           str(SOURCE), "-o", str(tmp)]

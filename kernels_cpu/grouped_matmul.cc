@@ -15,7 +15,7 @@
 //   moe_tgmm: out[E, K, N] = sum over the rows r of expert e of lhs[r, K]^T grad[r, N];
 //             experts without rows get zeros.
 //
-// The inner kernel keeps a 4 x 64 block of the output in 16 vector registers of 16 floats
+// The inner kernel keeps a 6 x 64 block of the output in 24 vector registers of 16 floats
 // (GCC/Clang vector extensions: AVX-512 on x86, split into narrower registers elsewhere)
 // and streams a packed float32 panel of the right operand.
 #include <algorithm>
@@ -36,7 +36,7 @@ namespace {
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef float f32x16_unaligned __attribute__((vector_size(64), aligned(4)));
 constexpr int kLanes = 16;
-constexpr int kRows = 4;     // output rows per register block
+constexpr int kRows = 6;     // output rows per register block
 constexpr int kVecs = 4;     // vectors per output row in a full block
 constexpr int kCols = kLanes * kVecs;
 

@@ -30,7 +30,7 @@ def test_kernels_build_and_register():
 def test_gmm_and_tgmm_match_the_loop_over_experts(case, dtype):
   E, X, bm, expert, valid, seed = case
   L = _layout(expert, valid, E, bm)
-  K, N = 20, 72  # K not a multiple of the 4-row block, N = one 64-column block + 8
+  K, N = 20, 72  # K not a multiple of the 6-row block, N = one 64-column block + 8
   ks = jax.random.split(jax.random.key(seed), 3)
   lhs = jax.random.normal(ks[0], (L.num_rows, K)).astype(dtype)
   rhs = jax.random.normal(ks[1], (E, K, N)).astype(dtype)

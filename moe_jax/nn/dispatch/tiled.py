@@ -15,6 +15,13 @@ from moe_jax.nn.experts import ExpertWeights
 from moe_jax.nn.routing import RoutingDecision
 
 
+# The native kernels work per expert, not per tile: the row tile only sets the padding
+# (at most block_m - 1 rows per expert). Layer fwd+bwd by block_m 4/8/16/32/64, ms
+# (2026-12-01, kernels_pallas/NOTES.md): cpu_olmoe 36/38/47/49/54, cpu_qwen3
+# 36/36/38/49/58, cpu_mixtral 45/45/47/52/53. 8 keeps the layout's tile arrays small.
+NATIVE_BLOCK_M = 8
+
+
 def native_cpu_kernels(x_TD: jax.Array) -> bool:
   """Whether the kernels_cpu grouped matmuls serve this call: built and registered, and
   not inside jax.shard_map (an FFI call there does not carry the varying-axes type the
@@ -48,10 +55,12 @@ def tiled_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWe
   # pylint: disable=import-outside-toplevel
   from kernels_pallas import permute, tile_gather, tile_loop
   cpu = jax.default_backend() == "cpu"
-  block_m = block_m or tile_block_m(decision.expert_index_TK.size, experts.num_experts, not cpu)
+  native = cpu and native_cpu_kernels(x_TD)
+  block_m = block_m or (NATIVE_BLOCK_M if native else tile_block_m(
+      decision.expert_index_TK.size, experts.num_experts, not cpu))
   gathers = dict(permute=functools.partial(permute.permute_tokens, xla=True),
                  combine=functools.partial(permute.unpermute_combine, xla=True))
-  if cpu and native_cpu_kernels(x_TD):
+  if native:
     from kernels_cpu import tile_matmul  # pylint: disable=import-outside-toplevel
     ops = TileOps(tile_matmul.tile_matmul, swiglu_ffn=tile_matmul.tile_swiglu_ffn, **gathers)
   elif cpu:
