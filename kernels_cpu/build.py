@@ -23,7 +23,8 @@ import jax
 
 SOURCE = Path(__file__).with_name("grouped_matmul.cc")
 ENV_SWITCH = "MOE_JAX_CPU_KERNELS"
-TARGETS = {"MoeGmm": "moe_jax_cpu_gmm", "MoeTgmm": "moe_jax_cpu_tgmm"}
+TARGETS = {"MoeGmm": "moe_jax_cpu_gmm", "MoeGmmSum": "moe_jax_cpu_gmm_sum",
+           "MoeTgmm": "moe_jax_cpu_tgmm"}
 
 
 def _cpu_id() -> str:

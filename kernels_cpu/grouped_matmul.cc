@@ -12,6 +12,7 @@
 //
 //   moe_gmm:  out[R, N] = lhs[R, K] @ rhs[e, K, N] over each expert's rows
 //             (rhs_transposed: rhs[e, N, K]); rows past the last expert are zero.
+//   moe_gmm_sum: lhs @ rhs[e] + lhs2 @ rhs2[e] in one pass (same options).
 //   moe_tgmm: out[E, K, N] = sum over the rows r of expert e of lhs[r, K]^T grad[r, N];
 //             experts without rows get zeros.
 //
@@ -25,6 +26,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -85,20 +87,23 @@ void ParallelFor(ffi::ThreadPool* pool, int64_t num_jobs, const Fn& fn) {
   while (state->done.load(std::memory_order_acquire) < num_jobs) std::this_thread::yield();
 }
 
-// c[i, :] (i < MR, NV vectors) = sum_k a(i, k) * panel[k, :], written through Store.
-// a(i, k) = a[i * a_i + k * a_k]; panel rows are kCols floats apart.
+// c[i, :] (i < MR, NV vectors) = sum_k a(i, k) * panel[k, :] + sum_k a2(i, k) *
+// panel[depth + k, :], written through Store. a(i, k) = a[i * a_i + k * a_k], a2 alike
+// (depth2 = 0: no second term); panel rows are kCols floats apart.
 template <int MR, int NV, typename A, typename O>
-inline void Block(const A* a, int64_t a_i, int64_t a_k, const float* panel, int64_t depth,
-                  O* c, int64_t ldc, int64_t cols) {
+inline void Block(const A* a, const A* a2, int64_t a_i, int64_t a_k, const float* panel,
+                  int64_t depth, int64_t depth2, O* c, int64_t ldc, int64_t cols) {
   f32x16 acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = f32x16{};
-  for (int64_t k = 0; k < depth; ++k) {
+  const A* src = a;
+  for (int64_t k = 0, kk = 0; k < depth + depth2; ++k, ++kk) {
+    if (k == depth) src = a2, kk = 0;
     const f32x16_unaligned* b = reinterpret_cast<const f32x16_unaligned*>(panel + k * kCols);
     f32x16 bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = b[v];
     for (int i = 0; i < MR; ++i) {
-      const float s = Load(a + i * a_i + k * a_k);
+      const float s = Load(src + i * a_i + kk * a_k);
       for (int v = 0; v < NV; ++v) acc[i][v] += s * bv[v];
     }
   }
@@ -110,28 +115,24 @@ inline void Block(const A* a, int64_t a_i, int64_t a_k, const float* panel, int6
 
 // Output rows [0, rows) x columns [0, cols <= kCols) from a packed panel.
 template <typename A, typename O>
-void Panel(const A* a, int64_t a_i, int64_t a_k, int64_t rows, const float* panel,
-           int64_t depth, O* c, int64_t ldc, int64_t cols) {
+void Panel(const A* a, const A* a2, int64_t a_i, int64_t a_k, int64_t rows, const float* panel,
+           int64_t depth, int64_t depth2, O* c, int64_t ldc, int64_t cols) {
   const int nv = static_cast<int>((cols + kLanes - 1) / kLanes);
-  int64_t i = 0;
-  for (; i + kRows <= rows; i += kRows) {
+  auto block = [&](auto mr, int64_t i) {
+    constexpr int MR = decltype(mr)::value;
     const A* ai = a + i * a_i;
+    const A* a2i = a2 ? a2 + i * a_i : nullptr;
     O* ci = c + i * ldc;
     switch (nv) {
-      case 4: Block<kRows, 4>(ai, a_i, a_k, panel, depth, ci, ldc, cols); break;
-      case 3: Block<kRows, 3>(ai, a_i, a_k, panel, depth, ci, ldc, cols); break;
-      case 2: Block<kRows, 2>(ai, a_i, a_k, panel, depth, ci, ldc, cols); break;
-      default: Block<kRows, 1>(ai, a_i, a_k, panel, depth, ci, ldc, cols); break;
+      case 4: return Block<MR, 4>(ai, a2i, a_i, a_k, panel, depth, depth2, ci, ldc, cols);
+      case 3: return Block<MR, 3>(ai, a2i, a_i, a_k, panel, depth, depth2, ci, ldc, cols);
+      case 2: return Block<MR, 2>(ai, a2i, a_i, a_k, panel, depth, depth2, ci, ldc, cols);
+      default: return Block<MR, 1>(ai, a2i, a_i, a_k, panel, depth, depth2, ci, ldc, cols);
     }
-  }
-  for (; i < rows; ++i) {
-    switch (nv) {
-      case 4: Block<1, 4>(a + i * a_i, a_i, a_k, panel, depth, c + i * ldc, ldc, cols); break;
-      case 3: Block<1, 3>(a + i * a_i, a_i, a_k, panel, depth, c + i * ldc, ldc, cols); break;
-      case 2: Block<1, 2>(a + i * a_i, a_i, a_k, panel, depth, c + i * ldc, ldc, cols); break;
-      default: Block<1, 1>(a + i * a_i, a_i, a_k, panel, depth, c + i * ldc, ldc, cols); break;
-    }
-  }
+  };
+  int64_t i = 0;
+  for (; i + kRows <= rows; i += kRows) block(std::integral_constant<int, kRows>{}, i);
+  for (; i < rows; ++i) block(std::integral_constant<int, 1>{}, i);
 }
 
 // panel[k, n] = src[k * s_k + n * s_n] for k < depth, n < cols (zero beyond cols).
@@ -167,12 +168,13 @@ float* Scratch(int64_t floats) {
 }
 
 // One job per (expert, 64-column block): the expert's weight panel is packed once and
-// serves all its rows; one more job zeroes the rows past the last expert.
+// serves all its rows; one more job zeroes the rows past the last expert. With lhs2 and
+// rhs2 (same shapes) the job adds their product into the same accumulators.
 template <typename A, typename B, typename O>
-void Gmm(ffi::ThreadPool* pool, const A* lhs, const B* rhs, const int32_t* tile_start,
-         const int32_t* tile_end, O* out, int64_t E, int64_t R, int64_t K, int64_t N,
-         int64_t bm, bool rhs_transposed) {
-  const int64_t col_blocks = (N + kCols - 1) / kCols;
+void Gmm(ffi::ThreadPool* pool, const A* lhs, const B* rhs, const A* lhs2, const B* rhs2,
+         const int32_t* tile_start, const int32_t* tile_end, O* out, int64_t E, int64_t R,
+         int64_t K, int64_t N, int64_t bm, bool rhs_transposed) {
+  const int64_t col_blocks = (N + kCols - 1) / kCols, K2 = lhs2 ? K : 0;
   ParallelFor(pool, E * col_blocks + 1, [&](int64_t job) {
     if (job == E * col_blocks) {
       const int64_t used = E ? int64_t{tile_end[E - 1]} * bm : 0;
@@ -183,14 +185,18 @@ void Gmm(ffi::ThreadPool* pool, const A* lhs, const B* rhs, const int32_t* tile_
     const int64_t r0 = int64_t{tile_start[e]} * bm;
     const int64_t rows = (int64_t{tile_end[e]} - tile_start[e]) * bm;
     if (rows <= 0) return;
-    float* panel = Scratch(K * kCols);
-    const B* w = rhs + e * K * N;
-    if (rhs_transposed) {
-      Pack(w + n0 * K, 1, K, K, cols, panel);  // w[n, k]
-    } else {
-      Pack(w + n0, N, 1, K, cols, panel);  // w[k, n]
+    float* panel = Scratch((K + K2) * kCols);
+    for (int t = 0; t < (lhs2 ? 2 : 1); ++t) {
+      const B* w = (t ? rhs2 : rhs) + e * K * N;
+      float* p = panel + t * K * kCols;
+      if (rhs_transposed) {
+        Pack(w + n0 * K, 1, K, K, cols, p);  // w[n, k]
+      } else {
+        Pack(w + n0, N, 1, K, cols, p);  // w[k, n]
+      }
     }
-    Panel(lhs + r0 * K, K, 1, rows, panel, K, out + r0 * N + n0, N, cols);
+    Panel(lhs + r0 * K, lhs2 ? lhs2 + r0 * K : nullptr, K, 1, rows, panel, K, K2,
+          out + r0 * N + n0, N, cols);
   });
 }
 
@@ -208,7 +214,7 @@ void Tgmm(ffi::ThreadPool* pool, const A* lhs, const B* grad, const int32_t* til
     float* panel = Scratch(rows * kCols);
     Pack(grad + r0 * N + n0, N, 1, rows, cols, panel);  // grad rows of expert e
     // out[k, n] = sum_r lhs[r0 + r, k] * grad[r0 + r, n]: a(k, r) = lhs[(r0 + r) * K + k].
-    Panel(lhs + r0 * K, 1, K, K, panel, rows, c, N, cols);
+    Panel<A, O>(lhs + r0 * K, nullptr, 1, K, K, panel, rows, 0, c, N, cols);
   });
 }
 
@@ -230,20 +236,64 @@ ffi::Error WithOut(ffi::Result<ffi::AnyBuffer> b, Fn&& fn) {
   return ffi::Error::InvalidArgument("moe_jax CPU kernels write float32 or bfloat16");
 }
 
-ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
-                   ffi::Buffer<ffi::S32> tile_start, ffi::Buffer<ffi::S32> tile_end,
-                   ffi::Result<ffi::AnyBuffer> out, int64_t bm, bool rhs_transposed) {
+bool SameDims(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b) {
+  const auto x = a.dimensions(), y = b.dimensions();
+  return x.size() == y.size() && std::equal(x.begin(), x.end(), y.begin());
+}
+
+ffi::Error CheckGmm(ffi::AnyBuffer lhs, ffi::AnyBuffer rhs, ffi::Buffer<ffi::S32> tile_start,
+                    ffi::Buffer<ffi::S32> tile_end, int64_t bm, bool rhs_transposed) {
   const auto ld = lhs.dimensions(), rd = rhs.dimensions();
   if (ld.size() != 2 || rd.size() != 3 || bm <= 0 || ld[0] % bm ||
       (rhs_transposed ? rd[2] : rd[1]) != ld[1] || tile_start.element_count() != rd[0] ||
       tile_end.element_count() != rd[0])
     return ffi::Error::InvalidArgument("moe_gmm: shapes do not match the tile layout");
-  const int64_t R = ld[0], K = ld[1], N = rhs_transposed ? rd[1] : rd[2];
+  return ffi::Error::Success();
+}
+
+ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
+                   ffi::Buffer<ffi::S32> tile_start, ffi::Buffer<ffi::S32> tile_end,
+                   ffi::Result<ffi::AnyBuffer> out, int64_t bm, bool rhs_transposed) {
+  if (auto err = CheckGmm(lhs, rhs, tile_start, tile_end, bm, rhs_transposed); err.failure())
+    return err;
+  const auto ld = lhs.dimensions(), rd = rhs.dimensions();
+  const int64_t N = rhs_transposed ? rd[1] : rd[2];
   const int32_t *ts = tile_start.typed_data(), *tend = tile_end.typed_data();
   return WithData(lhs, [&](auto* a) {
     return WithData(rhs, [&](auto* b) {
       return WithOut(out, [&](auto* c) {
-        Gmm(&pool, a, b, ts, tend, c, rd[0], R, K, N, bm, rhs_transposed);
+        using A = std::remove_pointer_t<decltype(a)>;
+        using B = std::remove_pointer_t<decltype(b)>;
+        Gmm<A, B>(&pool, a, b, nullptr, nullptr, ts, tend, c, rd[0], ld[0], ld[1], N, bm,
+                  rhs_transposed);
+        return ffi::Error::Success();
+      });
+    });
+  });
+}
+
+// out = lhs @ rhs[e]^T + lhs2 @ rhs2[e]^T: the backward's d x of the SwiGLU FFN in one
+// pass (d gate @ w_gate^T + d up @ w_up^T), without a second [R, D] buffer and an add.
+ffi::Error GmmSumImpl(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
+                      ffi::AnyBuffer lhs2, ffi::AnyBuffer rhs2, ffi::Buffer<ffi::S32> tile_start,
+                      ffi::Buffer<ffi::S32> tile_end, ffi::Result<ffi::AnyBuffer> out,
+                      int64_t bm, bool rhs_transposed) {
+  if (auto err = CheckGmm(lhs, rhs, tile_start, tile_end, bm, rhs_transposed); err.failure())
+    return err;
+  if (lhs2.element_type() != lhs.element_type() || rhs2.element_type() != rhs.element_type() ||
+      !SameDims(lhs2, lhs) || !SameDims(rhs2, rhs))
+    return ffi::Error::InvalidArgument("moe_gmm_sum: the two products differ in shape or dtype");
+  const auto ld = lhs.dimensions(), rd = rhs.dimensions();
+  const int64_t N = rhs_transposed ? rd[1] : rd[2];
+  const int32_t *ts = tile_start.typed_data(), *tend = tile_end.typed_data();
+  return WithData(lhs, [&](auto* a) {
+    return WithData(rhs, [&](auto* b) {
+      return WithOut(out, [&](auto* c) {
+        using A = std::remove_pointer_t<decltype(a)>;
+        using B = std::remove_pointer_t<decltype(b)>;
+        Gmm<A, B>(&pool, a, b, static_cast<const A*>(lhs2.untyped_data()),
+                  static_cast<const B*>(rhs2.untyped_data()), ts, tend, c, rd[0], ld[0], ld[1],
+                  N, bm, rhs_transposed);
         return ffi::Error::Success();
       });
     });
@@ -274,6 +324,19 @@ ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer gra
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeGmm, GmmImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("bm")
+                                  .Attr<bool>("rhs_transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeGmmSum, GmmSumImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()

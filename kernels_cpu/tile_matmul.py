@@ -8,8 +8,9 @@ Axis letters: R padded rows, A contraction, O output, E experts, D model, F expe
 
 Operands are float32 or bfloat16, products accumulate in float32 and the result takes the
 dtype asked for (the primal's dtype in the backward pass, as autodiff would give).
-`tile_matmul` is gmm with its gradient (gmm^T for d lhs, tgmm for d rhs), and
-`tile_swiglu_ffn` composes three of them with XLA's elementwise SwiGLU between.
+`tile_matmul` is gmm with its gradient (gmm^T for d lhs, tgmm for d rhs);
+`tile_swiglu_ffn` is the whole SwiGLU expert FFN with its own VJP (three gmm forward;
+gmm^T, one fused two-product gmm^T for d x and three tgmm backward).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_cpu import build
+from kernels_pallas.swiglu import swiglu_grads
 from kernels_pallas.tiling import TileLayout
 
 
@@ -63,8 +65,36 @@ def _bwd(res, d_out_RO):
 tile_matmul.defvjp(_fwd, _bwd)
 
 
+def _swiglu(gate, up):
+  return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
+
+
+@jax.custom_vjp
 def tile_swiglu_ffn(x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout: TileLayout) -> jax.Array:
   """(silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e] per expert's rows, in x's dtype."""
-  g, u = tile_matmul(x_RD, w_gate_EDF, layout), tile_matmul(x_RD, w_up_EDF, layout)
-  h = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(x_RD.dtype)
-  return tile_matmul(h, w_down_EFD, layout)
+  return _ffn_fwd(x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout)[0]
+
+
+def _ffn_fwd(x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout):
+  g, u = gmm(x_RD, w_gate_EDF, layout), gmm(x_RD, w_up_EDF, layout)
+  y = gmm(_swiglu(g, u), w_down_EFD, layout)
+  return y, (x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout, g, u)
+
+
+def _ffn_bwd(res, d_y_RD):
+  """Saves x, gate and up only (h is recomputed); d x is one pass over both products.
+  Autodiff of the composed FFN kept two [R, F] f32 SwiGLU intermediates and a second
+  [R, D] d x buffer: 12 MB more temporaries at cpu_olmoe, past glibc's 32 MB mmap
+  threshold, so every call paid fresh pages."""
+  x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, layout, g, u = res
+  d_h = gmm(d_y_RD, w_down_EFD, layout, transpose_rhs=True, out_dtype=g.dtype)
+  d_g, d_u = (a.astype(g.dtype) for a in swiglu_grads(d_h, g, u))
+  d_x = _ffi("MoeGmmSum", jax.ShapeDtypeStruct(x_RD.shape, x_RD.dtype), d_g, w_gate_EDF, d_u,
+             w_up_EDF, layout.tile_start_E, layout.tile_end_E, bm=np.int64(layout.block_m),
+             rhs_transposed=True)
+  E = w_up_EDF.shape[0]
+  return (d_x, tgmm(x_RD, d_g, layout, E, w_gate_EDF.dtype), tgmm(x_RD, d_u, layout, E, w_up_EDF.dtype),
+          tgmm(_swiglu(g, u), d_y_RD, layout, E, w_down_EFD.dtype), layout.zero_cotangent())
+
+
+tile_swiglu_ffn.defvjp(_ffn_fwd, _ffn_bwd)
