@@ -10,10 +10,10 @@ from moe_jax.nn.dispatch.base import DISPATCHERS, CapacityOptions, Metrics
 from moe_jax.nn.experts import ExpertWeights
 from moe_jax.nn.routing import RoutingDecision
 
-# Dropless path `auto` takes per platform. cpu: measured (README table: tiled is the
-# fastest dropless path there). gpu: tiled until the Pallas kernels are measured; the
-# same tile-gather algorithm beat XLA's ragged_dot at every H200 shape of
-# PERFORMANCE.md. tpu: not measured; ragged_dot lowers to a native grouped matmul.
+# Dropless path `auto` takes per platform (docs/performance.md). cpu: measured, tiled is
+# the fastest dropless path there. gpu: tiled until the Pallas kernels are measured; the
+# same tile-gather algorithm beat XLA's ragged_dot at every shape of the H200 anchors.
+# tpu: not measured; ragged_dot lowers to a native grouped matmul.
 AUTO_DISPATCH = {"cpu": "tiled", "gpu": "tiled", "tpu": "sorted"}
 
 
