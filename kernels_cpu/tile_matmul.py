@@ -24,6 +24,9 @@ from kernels_pallas.tiling import TileLayout
 
 
 def _ffi(target: str, out, *args, **attrs):
+  why = build.unavailable()  # builds and registers the kernels on first use
+  if why is not None:
+    raise RuntimeError(f"kernels_cpu is unavailable: {why}")
   call = jax.ffi.ffi_call(build.TARGETS[target], out, vmap_method="sequential")
   return call(*args, **attrs)
 

@@ -149,6 +149,25 @@ MUTANTS = (
       "padded_E = counts_E // block_m * block_m",
       ("tests/kernels/test_kernels.py", "-k", "layout or gmm"),
       "experts' rows not padded up to whole tiles (tiles overlap)"),
+    M("combine_first_slot_only", "kernels_pallas/permute.py",
+      "  for j in range(index_OJ.shape[1]):", "  for j in range(1):",
+      ("tests/kernels/test_kernels.py", "-k", "permute or combine"),
+      "the XLA unpermute+combine keeps only each token's first slot"),
+    M("tile_loop_bits_misread", "kernels_pallas/tile_loop.py",
+      "return jax.lax.bitcast_convert_type(b, dtype) if b.dtype == jnp.uint16 else b",
+      "return jax.lax.bitcast_convert_type(b, jnp.float16) if b.dtype == jnp.uint16 else b",
+      ("tests/kernels/test_kernels.py", "-k", "tile_loop"),
+      "the CPU loop reads its bf16 operands' bits as float16"),
+    M("cpu_gmm_drops_last_column", "kernels_cpu/grouped_matmul.cc",
+      "for (int64_t n = 0; n < cols; ++n) Store(c + i * ldc + n, row[n]);",
+      "for (int64_t n = 0; n + 1 < cols; ++n) Store(c + i * ldc + n, row[n]);",
+      ("tests/kernels/test_cpu_kernels.py", "-k", "loop_over or autodiff"),
+      "the native kernel never writes the last column of a block"),
+    M("cpu_gmm_sum_drops_second_product", "kernels_cpu/grouped_matmul.cc",
+      "Gmm<A, B>(&pool, a, b, static_cast<const A*>(lhs2.untyped_data()),",
+      "Gmm<A, B>(&pool, a, b, static_cast<const A*>(nullptr),",
+      ("tests/kernels/test_cpu_kernels.py", "-k", "autodiff"),
+      "d x of the native SwiGLU FFN misses d up @ w_up^T"),
     # --- expert parallelism ---------------------------------------------------------------
     M("ep_capacity_reshape_not_transpose", "moe_jax/parallel/expert_parallel.py",
       "y_NLCD = y_LXD.reshape(L, N, C, D).transpose(1, 0, 2, 3)",
@@ -421,8 +440,8 @@ def main(argv=None) -> int:
 
   with tempfile.TemporaryDirectory(prefix="moe_jax_mutants_") as copy:
     _copy_repo(copy)
-    where = subprocess.run([sys.executable, "-c", "import moe_jax, kernels_pallas; "
-                            "print(moe_jax.__file__, kernels_pallas.__file__)"],
+    where = subprocess.run([sys.executable, "-c", "import moe_jax, kernels_pallas, kernels_cpu; print("
+                            "moe_jax.__file__, kernels_pallas.__file__, kernels_cpu.__file__)"],
                            cwd=copy, env={**os.environ, "PYTHONPATH": copy},
                            capture_output=True, text=True, check=True).stdout.split()
     if not all(p.startswith(copy) for p in where):
