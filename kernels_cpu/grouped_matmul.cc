@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -171,10 +172,11 @@ float* Scratch(int64_t floats) {
 // serves all its rows; one more job zeroes the rows past the last expert. With lhs2 and
 // rhs2 (same shapes) the job adds their product into the same accumulators.
 template <typename A, typename B, typename O>
-void Gmm(ffi::ThreadPool* pool, const A* lhs, const B* rhs, const A* lhs2, const B* rhs2,
+bool Gmm(ffi::ThreadPool* pool, const A* lhs, const B* rhs, const A* lhs2, const B* rhs2,
          const int32_t* tile_start, const int32_t* tile_end, O* out, int64_t E, int64_t R,
          int64_t K, int64_t N, int64_t bm, bool rhs_transposed) {
   const int64_t col_blocks = (N + kCols - 1) / kCols, K2 = lhs2 ? K : 0;
+  std::atomic<bool> ok{true};
   ParallelFor(pool, E * col_blocks + 1, [&](int64_t job) {
     if (job == E * col_blocks) {
       const int64_t used = E ? int64_t{tile_end[E - 1]} * bm : 0;
@@ -186,6 +188,7 @@ void Gmm(ffi::ThreadPool* pool, const A* lhs, const B* rhs, const A* lhs2, const
     const int64_t rows = (int64_t{tile_end[e]} - tile_start[e]) * bm;
     if (rows <= 0) return;
     float* panel = Scratch((K + K2) * kCols);
+    if (!panel) return ok.store(false);
     for (int t = 0; t < (lhs2 ? 2 : 1); ++t) {
       const B* w = (t ? rhs2 : rhs) + e * K * N;
       float* p = panel + t * K * kCols;
@@ -198,12 +201,14 @@ void Gmm(ffi::ThreadPool* pool, const A* lhs, const B* rhs, const A* lhs2, const
     Panel(lhs + r0 * K, lhs2 ? lhs2 + r0 * K : nullptr, K, 1, rows, panel, K, K2,
           out + r0 * N + n0, N, cols);
   });
+  return ok.load();
 }
 
 template <typename A, typename B, typename O>
-void Tgmm(ffi::ThreadPool* pool, const A* lhs, const B* grad, const int32_t* tile_start,
+bool Tgmm(ffi::ThreadPool* pool, const A* lhs, const B* grad, const int32_t* tile_start,
           const int32_t* tile_end, O* out, int64_t E, int64_t K, int64_t N, int64_t bm) {
   const int64_t col_blocks = (N + kCols - 1) / kCols;
+  std::atomic<bool> ok{true};
   ParallelFor(pool, E * col_blocks, [&](int64_t job) {
     const int64_t e = job / col_blocks, n0 = (job % col_blocks) * kCols;
     const int64_t cols = std::min<int64_t>(kCols, N - n0);
@@ -212,10 +217,18 @@ void Tgmm(ffi::ThreadPool* pool, const A* lhs, const B* grad, const int32_t* til
     const int64_t rows = (int64_t{tile_end[e]} - tile_start[e]) * bm;
     if (rows <= 0) return ZeroRows(c, N, K, cols);
     float* panel = Scratch(rows * kCols);
+    if (!panel) return ok.store(false);
     Pack(grad + r0 * N + n0, N, 1, rows, cols, panel);  // grad rows of expert e
     // out[k, n] = sum_r lhs[r0 + r, k] * grad[r0 + r, n]: a(k, r) = lhs[(r0 + r) * K + k].
     Panel<A, O>(lhs + r0 * K, nullptr, 1, K, K, panel, rows, 0, c, N, cols);
   });
+  return ok.load();
+}
+
+ffi::Error Done(bool ok) {
+  if (ok) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                    "moe_jax CPU kernels: out of memory for a weight panel");
 }
 
 bool IsF32(ffi::DataType t) { return t == ffi::DataType::F32; }
@@ -241,20 +254,44 @@ bool SameDims(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b) {
   return x.size() == y.size() && std::equal(x.begin(), x.end(), y.begin());
 }
 
-ffi::Error CheckGmm(ffi::AnyBuffer lhs, ffi::AnyBuffer rhs, ffi::Buffer<ffi::S32> tile_start,
-                    ffi::Buffer<ffi::S32> tile_end, int64_t bm, bool rhs_transposed) {
-  const auto ld = lhs.dimensions(), rd = rhs.dimensions();
-  if (ld.size() != 2 || rd.size() != 3 || bm <= 0 || ld[0] % bm ||
-      (rhs_transposed ? rd[2] : rd[1]) != ld[1] || tile_start.element_count() != rd[0] ||
-      tile_end.element_count() != rd[0])
-    return ffi::Error::InvalidArgument("moe_gmm: shapes do not match the tile layout");
+// The kernels write each expert's rows [start, end) and zero the rows past the last
+// expert, so the ranges must tile [0, end of last) back to back inside the R rows: a
+// layout that does not (hand-built, or from inconsistent router counts) would leave rows
+// unwritten or reach past the buffers. One pass over E, before any work.
+ffi::Error CheckLayout(const char* op, ffi::Buffer<ffi::S32> tile_start,
+                       ffi::Buffer<ffi::S32> tile_end, int64_t E, int64_t R, int64_t bm) {
+  if (tile_start.element_count() != E || tile_end.element_count() != E || bm <= 0 || R % bm)
+    return ffi::Error::InvalidArgument(std::string(op) +
+                                       ": shapes do not match the tile layout");
+  const int32_t *ts = tile_start.typed_data(), *te = tile_end.typed_data();
+  for (int64_t e = 0; e < E; ++e) {
+    if (ts[e] != (e ? te[e - 1] : 0) || te[e] < ts[e] || int64_t{te[e]} * bm > R)
+      return ffi::Error::InvalidArgument(
+          std::string(op) + ": expert tile ranges must run back to back from 0 within the "
+          "rows (expert " + std::to_string(e) + ": [" + std::to_string(ts[e]) + ", " +
+          std::to_string(te[e]) + ") tiles of " + std::to_string(bm) + " rows, " +
+          std::to_string(R) + " rows)");
+  }
   return ffi::Error::Success();
+}
+
+ffi::Error CheckGmm(const char* op, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
+                    ffi::Buffer<ffi::S32> tile_start, ffi::Buffer<ffi::S32> tile_end,
+                    const ffi::AnyBuffer::Dimensions& od, int64_t bm, bool rhs_transposed) {
+  const auto ld = lhs.dimensions(), rd = rhs.dimensions();
+  if (ld.size() != 2 || rd.size() != 3 || od.size() != 2 ||
+      (rhs_transposed ? rd[2] : rd[1]) != ld[1] || od[0] != ld[0] ||
+      od[1] != (rhs_transposed ? rd[1] : rd[2]))
+    return ffi::Error::InvalidArgument(std::string(op) + ": shapes do not match");
+  return CheckLayout(op, tile_start, tile_end, rd[0], ld[0], bm);
 }
 
 ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
                    ffi::Buffer<ffi::S32> tile_start, ffi::Buffer<ffi::S32> tile_end,
                    ffi::Result<ffi::AnyBuffer> out, int64_t bm, bool rhs_transposed) {
-  if (auto err = CheckGmm(lhs, rhs, tile_start, tile_end, bm, rhs_transposed); err.failure())
+  if (auto err = CheckGmm("moe_gmm", lhs, rhs, tile_start, tile_end, out->dimensions(), bm,
+                          rhs_transposed);
+      err.failure())
     return err;
   const auto ld = lhs.dimensions(), rd = rhs.dimensions();
   const int64_t N = rhs_transposed ? rd[1] : rd[2];
@@ -264,9 +301,8 @@ ffi::Error GmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
       return WithOut(out, [&](auto* c) {
         using A = std::remove_pointer_t<decltype(a)>;
         using B = std::remove_pointer_t<decltype(b)>;
-        Gmm<A, B>(&pool, a, b, nullptr, nullptr, ts, tend, c, rd[0], ld[0], ld[1], N, bm,
-                  rhs_transposed);
-        return ffi::Error::Success();
+        return Done(Gmm<A, B>(&pool, a, b, nullptr, nullptr, ts, tend, c, rd[0], ld[0], ld[1],
+                              N, bm, rhs_transposed));
       });
     });
   });
@@ -278,7 +314,9 @@ ffi::Error GmmSumImpl(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer r
                       ffi::AnyBuffer lhs2, ffi::AnyBuffer rhs2, ffi::Buffer<ffi::S32> tile_start,
                       ffi::Buffer<ffi::S32> tile_end, ffi::Result<ffi::AnyBuffer> out,
                       int64_t bm, bool rhs_transposed) {
-  if (auto err = CheckGmm(lhs, rhs, tile_start, tile_end, bm, rhs_transposed); err.failure())
+  if (auto err = CheckGmm("moe_gmm_sum", lhs, rhs, tile_start, tile_end, out->dimensions(), bm,
+                          rhs_transposed);
+      err.failure())
     return err;
   if (lhs2.element_type() != lhs.element_type() || rhs2.element_type() != rhs.element_type() ||
       !SameDims(lhs2, lhs) || !SameDims(rhs2, rhs))
@@ -291,10 +329,9 @@ ffi::Error GmmSumImpl(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer r
       return WithOut(out, [&](auto* c) {
         using A = std::remove_pointer_t<decltype(a)>;
         using B = std::remove_pointer_t<decltype(b)>;
-        Gmm<A, B>(&pool, a, b, static_cast<const A*>(lhs2.untyped_data()),
-                  static_cast<const B*>(rhs2.untyped_data()), ts, tend, c, rd[0], ld[0], ld[1],
-                  N, bm, rhs_transposed);
-        return ffi::Error::Success();
+        return Done(Gmm<A, B>(&pool, a, b, static_cast<const A*>(lhs2.untyped_data()),
+                              static_cast<const B*>(rhs2.untyped_data()), ts, tend, c, rd[0],
+                              ld[0], ld[1], N, bm, rhs_transposed));
       });
     });
   });
@@ -305,15 +342,15 @@ ffi::Error TgmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer gra
                     ffi::Result<ffi::AnyBuffer> out, int64_t bm) {
   const auto ld = lhs.dimensions(), gd = grad.dimensions(), od = out->dimensions();
   if (ld.size() != 2 || gd.size() != 2 || od.size() != 3 || ld[0] != gd[0] || od[1] != ld[1] ||
-      od[2] != gd[1] || tile_start.element_count() != od[0] ||
-      tile_end.element_count() != od[0] || bm <= 0)
-    return ffi::Error::InvalidArgument("moe_tgmm: shapes do not match the tile layout");
+      od[2] != gd[1])
+    return ffi::Error::InvalidArgument("moe_tgmm: shapes do not match");
+  if (auto err = CheckLayout("moe_tgmm", tile_start, tile_end, od[0], ld[0], bm); err.failure())
+    return err;
   const int32_t *ts = tile_start.typed_data(), *tend = tile_end.typed_data();
   return WithData(lhs, [&](auto* a) {
     return WithData(grad, [&](auto* g) {
       return WithOut(out, [&](auto* c) {
-        Tgmm(&pool, a, g, ts, tend, c, od[0], od[1], od[2], bm);
-        return ffi::Error::Success();
+        return Done(Tgmm(&pool, a, g, ts, tend, c, od[0], od[1], od[2], bm));
       });
     });
   });

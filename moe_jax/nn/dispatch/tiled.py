@@ -22,16 +22,22 @@ from moe_jax.nn.routing import RoutingDecision
 NATIVE_BLOCK_M = 8
 
 
-def native_cpu_kernels(x_TD: jax.Array) -> bool:
+def native_cpu_kernels(*arrays) -> bool:
   """Whether the kernels_cpu grouped matmuls serve this call: built and registered, and
-  not inside jax.shard_map (an FFI call there does not carry the varying-axes type the
-  tile loop keeps). Says once, on the log, why not when they cannot be built."""
+  none of `arrays` (the tokens, the routing decision, the expert weights) varies over a
+  jax.shard_map axis: an FFI call there does not carry the varying-axes type the tile
+  loop keeps (with expert parallelism the tokens may be replicated while the weights
+  vary). Says once, on the log, why not when they cannot be built."""
   from kernels_cpu import build  # pylint: disable=import-outside-toplevel
   why = build.unavailable()
   if why is not None:
     _say_once(f"tiled dispatch on CPU: native kernels unavailable ({why}); using the XLA tile loop")
     return False
-  return not getattr(getattr(jax.typeof(x_TD), "manual_axis_type", None), "varying", None)
+  return not any(_varying(a) for a in jax.tree.leaves(arrays))
+
+
+def _varying(a) -> bool:
+  return bool(getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", None))
 
 
 @functools.cache
@@ -55,7 +61,7 @@ def tiled_dispatch(x_TD: jax.Array, decision: RoutingDecision, experts: ExpertWe
   # pylint: disable=import-outside-toplevel
   from kernels_pallas import permute, tile_gather, tile_loop
   cpu = jax.default_backend() == "cpu"
-  native = cpu and native_cpu_kernels(x_TD)
+  native = cpu and native_cpu_kernels(x_TD, decision, experts)
   block_m = block_m or (NATIVE_BLOCK_M if native else tile_block_m(
       decision.expert_index_TK.size, experts.num_experts, not cpu))
   gathers = dict(permute=functools.partial(permute.permute_tokens, xla=True),
