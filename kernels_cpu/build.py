@@ -5,7 +5,9 @@ private folder in the temporary directory when that is not writable), keyed by t
 jaxlib's version, the compiler and its version, the flags and the CPU (it is built with
 -march=native, so a home directory shared across machines gets one build per CPU model).
 The build writes a temporary file and renames it, so concurrent processes (pytest -n 2)
-never load half a library. MOE_JAX_CPU_KERNELS=0 turns the kernels off.
+never load half a library. MOE_JAX_CPU_KERNELS=0 turns the kernels off;
+MOE_JAX_CPU_KERNELS_FLAGS adds compiler flags (e.g. "-march=x86-64-v3" for one library
+across a cluster's CPUs, or "-mno-avx512f" to try the AVX2 register blocks).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import jax
 
 SOURCE = Path(__file__).with_name("grouped_matmul.cc")
 ENV_SWITCH = "MOE_JAX_CPU_KERNELS"
+FLAGS_ENV = "MOE_JAX_CPU_KERNELS_FLAGS"
 TARGETS = {"MoeGmm": "moe_jax_cpu_gmm", "MoeGmmSum": "moe_jax_cpu_gmm_sum",
            "MoeTgmm": "moe_jax_cpu_tgmm"}
 
@@ -88,9 +91,10 @@ _build_lock = threading.Lock()  # threads of one process build once; processes r
 def library_path() -> Path:
   """The compiled library, built now if this machine has none for this source yet."""
   cxx = _compiler()
+  flags = FLAGS + shlex.split(os.environ.get(FLAGS_ENV, ""))
   key = hashlib.sha256("\n".join([
       SOURCE.read_text(), importlib.metadata.version("jaxlib"), " ".join(cxx),
-      _compiler_version(cxx), " ".join(FLAGS), repr(ARCHES), platform.machine(),
+      _compiler_version(cxx), " ".join(flags), repr(ARCHES), platform.machine(),
       _cpu_id()]).encode()).hexdigest()[:16]
   with _build_lock:
     out = _cache_dir() / f"grouped_matmul-{key}.so"
@@ -101,7 +105,7 @@ def library_path() -> Path:
     errors = []
     try:
       for arch in ARCHES:
-        cmd = cxx + arch + FLAGS + [f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        cmd = cxx + arch + flags + [f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
         if run.returncode == 0:
           os.replace(tmp, out)

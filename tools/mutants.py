@@ -182,6 +182,10 @@ MUTANTS = (
       "native = cpu and native_cpu_kernels(x_TD)",
       ("tests/kernels/test_cpu_kernels.py", "-k", "shard_map"),
       "replicated tokens with expert weights varying over a shard_map axis take the FFI call"),
+    M("cpu_wide_block_drops_third_vector", "kernels_cpu/grouped_matmul.cc",
+      "case 3: Block<MR, (kVecs >= 3 ? 3 : 1)>", "case 3: Block<MR, (kVecs >= 3 ? 2 : 1)>",
+      ("tests/kernels/test_cpu_kernels.py", "-k", "loop_over or other_x86"),
+      "a register block of 3 vectors (AVX-512 / NEON tails) computes only 2"),
     # --- expert parallelism ---------------------------------------------------------------
     M("ep_capacity_reshape_not_transpose", "moe_jax/parallel/expert_parallel.py",
       "y_NLCD = y_LXD.reshape(L, N, C, D).transpose(1, 0, 2, 3)",

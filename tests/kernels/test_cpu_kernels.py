@@ -176,3 +176,26 @@ def test_tiled_dispatch_runs_the_native_kernels_and_falls_back_in_shard_map():
   both = np.asarray(vw(x, zeros))  # each device's full result, stacked
   for half in (both[:32], both[32:]):
     np.testing.assert_allclose(half, layer(x), rtol=1e-5, atol=1e-6)
+
+
+def _has_avx512() -> bool:
+  try:
+    return " avx512f" in open("/proc/cpuinfo").read()
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "AMD64"), reason="x86 register blocks")
+def test_the_other_x86_register_blocks_match_the_reference():
+  """The register blocks depend on the target (6 x 64 on AVX-512, 6 x 16 on AVX2), and the
+  machine running the suite builds only its own: build the other one (AVX-512's 16-lane
+  vectors emulated where the CPU lacks them) and run the fixed-shape tests on it."""
+  import subprocess
+  import sys
+  flags = "-mno-avx512f" if _has_avx512() else "-D__AVX512F__"
+  run = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__, "-k",
+       "rounded or autodiff"],
+      env={**os.environ, build.FLAGS_ENV: flags}, capture_output=True, text=True, timeout=600,
+      check=False, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  assert run.returncode == 0 and "2 passed" in run.stdout, run.stdout[-3000:]
