@@ -32,3 +32,27 @@ def test_layer_suite_rows_at_a_tiny_shape():
     assert r["error"] is None and r["finite"] and r["iters"] >= 3
     assert r["ratio_to_dense"] > 0 and math.isfinite(r["active_tflops"])
   assert rows[0]["ratio_to_dense"] == 1.0
+
+
+def test_lm_benchmark_counts_active_parameters_and_runs_a_tiny_model(tmp_path):
+  """experiments.bench_lm: the active-parameter count by hand and from the parameter tree
+  (all of it less the embedding, the norms and the E - K experts a token skips), then a
+  few real steps of the library's train step with a JSON summary."""
+  import json
+
+  from experiments import bench_lm
+  s = bench_lm.SIZES["tiny"]  # 2 layers, d 64, E 8, K 2, F 32, V 256
+  by_hand = 2 * (4 * 64 * 64 + 64 * 8 + 2 * 3 * 64 * 32) + 64 * 256
+  assert bench_lm.active_params(s) == by_hand
+  assert bench_lm.flops_per_token(s, 32) == 6 * by_hand + 12 * 2 * 32 * 64
+  out = tmp_path / "lm.json"
+  run = subprocess.run([sys.executable, "-m", "experiments.bench_lm", "--size=tiny", "--steps=4",
+                        "--window=2", "--warmup=1", "--peak_tflops=1", f"--json={out}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-2000:]
+  summary = json.loads(out.read_text())
+  skipped = 2 * (8 - 2) * 3 * 64 * 32
+  norms = (2 * 2 + 1) * 64
+  assert summary["params"] - 256 * 64 - norms - skipped == by_hand
+  assert len(summary["window_ms"]) == 2 and summary["step_ms"] > 0
+  assert summary["mfu"] == summary["model_tflops"] / 1.0 and "MFU" in run.stdout
