@@ -6,8 +6,9 @@ with neither.
 `jax.export(platforms=[...])` runs the Pallas lowering here, so block shapes, indexing
 and ops a backend rejects fail on CPU instead of on the first accelerator run. For TPU
 the lowering asks jax which chip it targets; we answer "TPU v5 lite" by patching
-`tpu_info.get_device_kind` for the duration (a jax internal: if it moves, the TPU half
-reports FAIL with the reason). Neither half compiles to machine code: what the Triton
+`tpu_info.get_device_kind` for the duration, and from jax 0.11 the Triton lowering asks too
+(answered "H200" through `gpu_info.get_gpu_info`); both are jax internals: if they move,
+the half affected reports FAIL with the reason. Neither half compiles to machine code: what the Triton
 or Mosaic compilers reject later (registers, VMEM layout passes), and every number,
 still needs the accelerator. Interpret-mode tests check the numbers. Exits 1 on a failure.
 """
@@ -73,12 +74,24 @@ def tpu_kernels(E=8, X=3000, D=1024, F=768, T=1536, K=2, bm=128):
 
 
 @contextlib.contextmanager
-def _force_triton():
+def _force_triton(gpu: str = "H200"):
+  """Triton lowering; from jax 0.11 it also asks which GPU it targets (compute capability),
+  answered with an H200 for the duration (a jax internal, like the TPU half's)."""
   G.FORCE_TRITON = True
+  try:
+    from jax._src.pallas.triton import gpu_info  # pylint: disable=import-outside-toplevel
+  except ImportError:  # jax 0.10: the lowering does not ask
+    gpu_info = None
+  saved = getattr(gpu_info, "get_gpu_info", None)
+  if saved is not None:
+    gpu_info.get_gpu_info = lambda: gpu_info.get_gpu_info_from_version(
+        getattr(gpu_info.GpuVersion, gpu))
   try:
     yield
   finally:
     G.FORCE_TRITON = False
+    if saved is not None:
+      gpu_info.get_gpu_info = saved
 
 
 @contextlib.contextmanager
