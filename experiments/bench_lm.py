@@ -125,7 +125,7 @@ def run() -> dict:
                            weight_decay=0.1, grad_clip_norm=1.0, end_lr_factor=0.1), total_steps)
   mesh = mesh_from_config({})
   with jax.set_mesh(mesh):
-    state, shardings = init_train_state(model, tx, {"lm": {"tokens": tokens[0]}}, [task], 0, mesh)
+    state, _ = init_train_state(model, tx, {"lm": {"tokens": tokens[0]}}, [task], 0, mesh)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     train_step, _ = make_train_step(model, tx)
     step = jax.jit(functools.partial(train_step, task=task), donate_argnums=0)
