@@ -162,11 +162,12 @@ void Panel(const A* a, const A* a2, int64_t a_i, int64_t a_k, int64_t rows, cons
     const A* ai = a + i * a_i;
     const A* a2i = a2 ? a2 + i * a_i : nullptr;
     if constexpr (kBlockCols < kCols) {
-      // [k][MR], then a2's
-      for (int64_t k = 0; k < depth; ++k)
-        for (int r = 0; r < MR; ++r) packed[k * MR + r] = Load(ai + r * a_i + k * a_k);
-      for (int64_t k = 0; k < depth2; ++k)
-        for (int r = 0; r < MR; ++r) packed[(depth + k) * MR + r] = Load(a2i + r * a_i + k * a_k);
+      auto pack = [&](const A* src, int64_t n, float* dst) {  // dst[k][MR]
+        for (int64_t k = 0; k < n; ++k)
+          for (int r = 0; r < MR; ++r) dst[k * MR + r] = Load(src + r * a_i + k * a_k);
+      };
+      pack(ai, depth, packed);
+      if (a2) pack(a2i, depth2, packed + depth * MR);  // a2's rows follow
       block(mr, packed, a2 ? packed + depth * MR : nullptr, int64_t{1}, int64_t{MR}, i);
     } else {
       block(mr, ai, a2i, a_i, a_k, i);
